@@ -1,0 +1,37 @@
+"""lora_fx: LoRA as a compiler pass over torch.fx graphs.
+
+    adapted = lora_fx.adapt(model, rules=[lora_fx.Rule(name="q|v", r=8)], example_inputs=(x,))
+    ...train lora_fx.lora_parameters(adapted)...
+    merged = lora_fx.fold(adapted)
+    lora_fx.export_onnx(merged, "merged.onnx", example_inputs=(x,))
+    lora_fx.verify_onnx("base.onnx", "merged.onnx").identical
+"""
+
+from lora_fx.api import adapt, fold, lora_parameters, lora_state_dict, plan
+from lora_fx.errors import (AdapterFileError, ExportError, FoldError, InputError, LoraFxError, NoSitesError,
+                            RuleError, TraceError, VerifyError)
+from lora_fx.lora import LoraLinear
+from lora_fx.plan import Plan
+from lora_fx.rules import Rule
+from lora_fx.site import Site
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The ONNX side loads onnx/onnxscript/onnxruntime only when first used.
+    if name == "export_onnx":
+        from lora_fx.onnx_export import export_onnx
+        return export_onnx
+    if name in ("verify_onnx", "VerifyReport"):
+        from lora_fx import onnx_verify
+        return getattr(onnx_verify, name)
+    if name in ("ort_session", "run_onnx", "check_parity", "ParityReport"):
+        from lora_fx import runtime
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'lora_fx' has no attribute {name!r}")
+
+
+__all__ = ["adapt", "fold", "lora_parameters", "lora_state_dict", "plan", "Rule", "Site", "Plan", "LoraLinear",
+           "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
+           "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError"]

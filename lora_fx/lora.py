@@ -1,0 +1,75 @@
+"""The LoRA branch: (alpha / r) · B · A · dropout(x), one module per adapted weight.
+
+A weight used at several call sites gets one `LoraLinear`; the inject pass calls it beside each site.
+A starts kaiming-uniform and B at zero (Hu et al., 2021), so an adapted model starts exactly equal to the original.
+LoRA weights are kept in fp32 when the base weight is fp16/bf16 (as PEFT does): low-precision adapters train badly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_fx.site import IN_OUT, OUT_IN
+
+SCALINGS = ("standard", "rslora")
+INITS = ("kaiming", "gaussian")
+
+
+def lora_scaling(r: int, alpha: float, scaling: str = "standard") -> float:
+    """alpha / r as in the paper, or alpha / sqrt(r) for rank-stabilised LoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(r) if scaling == "rslora" else alpha / r
+
+
+class LoraLinear(nn.Module):
+    """Low-rank update of one weight; returns the branch output only (the inject pass adds it to the base output)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        scaling: str = "standard",
+        init: str = "kaiming",
+        weight_name: str = "",
+        weight_layout: str = OUT_IN,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.scaling_kind = r, float(alpha), scaling
+        self.scaling = lora_scaling(r, alpha, scaling)
+        self.weight_name, self.weight_layout = weight_name, weight_layout
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:  # what nn.Linear (and the paper's code) use for A
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x).to(self.lora_A.dtype)
+        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scaling · B · A in `dtype`, laid out like the base weight (transposed for IN_OUT weights)."""
+        delta = (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+        return delta.T if self.weight_layout == IN_OUT else delta
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.weight_name}: in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}"
+        )

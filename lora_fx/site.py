@@ -1,0 +1,40 @@
+"""A *site* is one call of a linear-like op on a parameter: a place where LoRA can go.
+
+The match pass describes every site the same way whatever front end made the graph (symbolic tracing gives
+`call_module` nn.Linear nodes, torch.export gives `aten.linear` / `aten.addmm` nodes), so rules never need to
+know which front end ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# What kind of op a site is. Rules select on these names (Rule(op=...)).
+OP_KINDS = ("linear_module", "functional_linear", "matmul", "conv1d")
+
+# How the weight is stored: nn.Linear keeps (out, in); GPT-2's Conv1D and `x @ W` keep (in, out).
+OUT_IN, IN_OUT = "out_in", "in_out"
+
+
+@dataclass(frozen=True)
+class Site:
+    node: str  # name of the FX node that calls the op
+    op: str  # one of OP_KINDS
+    weight: str  # qualified name of the weight parameter, e.g. "layers.0.attn.q.weight"
+    module: str  # qualified name of the module that owns the weight ("" for the root module)
+    module_type: str  # class name of that module, e.g. "Linear", "Conv1D"
+    in_features: int
+    out_features: int
+    weight_layout: str  # OUT_IN or IN_OUT
+    has_bias: bool
+    input_arg: int  # which positional argument of the node is the activation x
+    layer: int | None = None  # the i in "layers.<i>." (or h.<i>, blocks.<i>, ...), if any
+    roles: tuple[str, ...] = field(default=())  # graph roles such as "attn.q", filled by the roles pass
+
+    @property
+    def name(self) -> str:
+        """The name users see: the owning module's name, or the parameter's for a bare parameter."""
+        return self.module or self.weight
+
+    def to_dict(self) -> dict:
+        return asdict(self)

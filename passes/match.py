@@ -1,0 +1,119 @@
+"""Match pass: find every linear-like call on a parameter and describe it as a Site.
+
+The ops it knows, as a table (node op, target) -> (op kind, where x is, where W is, W's layout):
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lora_fx.site import IN_OUT, OUT_IN, Site
+
+aten = torch.ops.aten
+
+# call_function targets: target -> (op kind, index of x, index of W, W layout, index of bias or None)
+FUNCTION_PATTERNS: dict = {
+    F.linear: ("functional_linear", 0, 1, OUT_IN, 2),
+    aten.linear.default: ("functional_linear", 0, 1, OUT_IN, 2),
+    torch.matmul: ("matmul", 0, 1, IN_OUT, None),
+    operator.matmul: ("matmul", 0, 1, IN_OUT, None),
+    torch.mm: ("matmul", 0, 1, IN_OUT, None),
+    aten.matmul.default: ("matmul", 0, 1, IN_OUT, None),
+    aten.mm.default: ("matmul", 0, 1, IN_OUT, None),
+    torch.addmm: ("matmul", 1, 2, IN_OUT, 0),
+    aten.addmm.default: ("matmul", 1, 2, IN_OUT, 0),
+}
+# call_method targets on the activation: x.matmul(W), x.mm(W)
+METHOD_PATTERNS: dict = {
+    "matmul": ("matmul", 0, 1, IN_OUT, None),
+    "mm": ("matmul", 0, 1, IN_OUT, None),
+}
+
+# The i in "layers.3.", "h.3.", "blocks.3.", "layer.3.", "block.3." (PEFT's layers_pattern defaults).
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _parameter_name(gm: fx.GraphModule, arg) -> str | None:
+    """The qualified name of the parameter a node argument reads, or None if it is not a bare parameter."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        try:
+            gm.get_parameter(arg.target)
+        except AttributeError:
+            return None
+        return arg.target
+    return None
+
+
+def _owner(model: nn.Module, weight: str) -> tuple[str, str]:
+    module_name = weight.rpartition(".")[0]
+    try:
+        owner = model.get_submodule(module_name)
+    except AttributeError:
+        return module_name, "Module"
+    return module_name, type(owner).__name__
+
+
+def _module_call_path(node: fx.Node) -> str | None:
+    """For torch.export graphs: the module whose forward made this node (from nn_module_stack)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L\['self'\]\.?", "", path)
+
+
+def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
+    args = node.args
+    if len(args) <= max(x_idx, w_idx):
+        return None
+    weight = _parameter_name(gm, args[w_idx])
+    if weight is None:
+        return None
+    w = gm.get_parameter(weight)
+    if w.dim() != 2 or not isinstance(args[x_idx], fx.Node):
+        return None
+    module, module_type = _owner(model, weight)
+    out_f, in_f = w.shape if layout == OUT_IN else reversed(w.shape)
+    if kind == "functional_linear" and module_type in ("Linear", "NonDynamicallyQuantizableLinear") \
+            and _module_call_path(node) == module and weight.endswith(".weight"):
+        kind = "linear_module"  # torch.export's aten.linear that came from the nn.Linear's own forward
+    if kind == "matmul" and module_type == "Conv1D":
+        kind = "conv1d"  # GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)
+    has_bias = b_idx is not None and len(args) > b_idx and args[b_idx] is not None
+    return Site(node=node.name, op=kind, weight=weight, module=module, module_type=module_type,
+                in_features=int(in_f), out_features=int(out_f), weight_layout=layout, has_bias=has_bias,
+                input_arg=x_idx, layer=layer_index(weight))
+
+
+def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]:
+    """Every linear-like site in graph order. `model` (the traced model) gives module class names."""
+    model = model if model is not None else gm
+    sites = []
+    for node in gm.graph.nodes:
+        site = None
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.Linear) and node.args:
+                w = module.weight
+                _, module_type = _owner(model, f"{node.target}.weight")
+                site = Site(node=node.name, op="linear_module", weight=f"{node.target}.weight",
+                            module=node.target, module_type=module_type, in_features=w.shape[1],
+                            out_features=w.shape[0], weight_layout=OUT_IN, has_bias=module.bias is not None,
+                            input_arg=0, layer=layer_index(node.target))
+        elif node.op == "call_function" and node.target in FUNCTION_PATTERNS:
+            site = _site(gm, model, node, *FUNCTION_PATTERNS[node.target])
+        elif node.op == "call_method" and node.target in METHOD_PATTERNS:
+            site = _site(gm, model, node, *METHOD_PATTERNS[node.target])
+        if site is not None:
+            sites.append(site)
+    return sites
