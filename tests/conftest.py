@@ -1,0 +1,72 @@
+"""Small models shared by the tests. Everything runs for real on CPU: no mocks of torch, ONNX or ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyBlock(nn.Module):
+    """A transformer-like block using every kind of site: nn.Linear, matmul on a parameter, F.linear."""
+
+    def __init__(self, d: int = 16, hidden: int = 32):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.w_up = nn.Parameter(torch.randn(d, hidden) / d**0.5)  # stored (in, out): used as h @ w_up
+        self.w_down = nn.Parameter(torch.randn(d, hidden) / hidden**0.5)  # stored (out, in): F.linear
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+        h = self.ln(x + self.o(attn))
+        return h + F.linear(torch.relu(h @ self.w_up), self.w_down)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 8, d_hidden: int = 16, d_out: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture
+def block():
+    torch.manual_seed(0)
+    return TinyBlock(), (torch.randn(2, 5, 16),)
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return TinyMLP(), (torch.randn(4, 8),)
+
+
+def train_steps(adapted, args, steps: int = 10, lr: float = 1e-2, seed: int = 0) -> list[float]:
+    """A few AdamW steps of regression toward a fixed random target; returns the losses."""
+    import lora_fx
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        target = torch.randn_like(adapted(*args))
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(adapted(*args), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def randomize_lora(adapted, scale: float = 0.1, seed: int = 0) -> None:
+    """Give every B non-zero values, as training would, so folds have something to fold."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, scale)
