@@ -8,18 +8,20 @@
 from __future__ import annotations
 
 import difflib
+import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
 
-from lora_fx.errors import FoldError, InputError, NoSitesError
+from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.trace import trace
 from lora_fx.plan import Plan
-from lora_fx.rules import LoraSettings, Rule, coerce_rules, decide
+from lora_fx.rules import Decision, LoraSettings, Rule, coerce_rules, decide
 
 
 def _defaults(r: int, alpha: float, dropout: float) -> LoraSettings:
@@ -27,12 +29,55 @@ def _defaults(r: int, alpha: float, dropout: float) -> LoraSettings:
     return LoraSettings(r=r, alpha=float(alpha), dropout=float(dropout))
 
 
-def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r, alpha, dropout, trace_options):
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """{parameter name: the other names of the same tensor} for parameters shared between modules."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: [o for o in group if o != n] for group in names.values() if len(group) > 1 for n in group}
+
+
+def _resolve_tied(decisions: list[Decision], tied: dict[str, list[str]], rules_given: bool, untie: bool,
+                  frontend: str) -> list[Decision]:
+    """A LoRA folded into a tied weight would silently change its twin (an embedding, say): refuse or untie.
+
+    rules=None skips tied weights with a warning; a rule that selects one raises unless untie=True. Untying gives
+    the folded model its own copy of the weight, so its ONNX export has one initializer more than the base's.
+    """
+    out = []
+    for d in decisions:
+        twins = tied.get(d.site.weight)
+        if not d.adapted or not twins:
+            out.append(d)
+            continue
+        if not rules_given:
+            warnings.warn(f"lora_fx: skipping {d.site.weight!r}: it is tied to {twins} (rules=None adapts only "
+                          f"untied weights; select it with a rule and untie=True to adapt it)", stacklevel=3)
+            out.append(replace(d, settings=None, reason=f"tied to {twins}: skipped"))
+            continue
+        if not untie:
+            raise RuleError(
+                f"weight {d.site.weight!r} is tied to {twins} (the same tensor): folding a LoRA into it would "
+                f"change {twins} too", where=d.site.name,
+                fix=f"exclude it (Rule(name={d.site.name!r}, exclude=True)), or pass untie=True to give the folded "
+                    f"model its own copy of {d.site.weight!r} (its ONNX export then has one more initializer)")
+        if frontend == "export":
+            raise RuleError(
+                f"weight {d.site.weight!r} is tied to {twins} and the torch.export graph reads both through one "
+                f"node, so it cannot be untied there", where=d.site.name,
+                fix="use frontend='fx' if the model traces symbolically, or exclude this site")
+        out.append(d)
+    return out
+
+
+def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r, alpha, dropout, trace_options,
+                      untie: bool = False):
     rules = coerce_rules(rules)
     defaults = _defaults(r, alpha, dropout)
     traced = trace(model, example_inputs, example_kwargs, frontend=frontend, **trace_options)
     sites = find_sites(traced.graph_module, model)
     decisions = decide(sites, rules, defaults)
+    decisions = _resolve_tied(decisions, tied_weights(model), rules is not None, untie, traced.frontend)
     return traced, rules, sites, decisions
 
 
@@ -49,16 +94,17 @@ def plan(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, exampl
 
 def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, example_inputs: tuple | None = None,
           example_kwargs: dict | None = None, frontend: str = "auto", r: int = 8, alpha: float = 16.0,
-          dropout: float = 0.0, **trace_options: Any) -> fx.GraphModule:
+          dropout: float = 0.0, untie: bool = False, **trace_options: Any) -> fx.GraphModule:
     """Trace `model` and add LoRA beside every site the rules choose (rules=None: every linear-like site).
 
     Returns a GraphModule that shares the model's weights (no copies). Base parameters are frozen
     (requires_grad=False); nothing else in the model changes. r/alpha/dropout are the defaults for rule fields
-    left unset. trace_options: leaf_modules=, open_modules=, concrete_args= for symbolic tracing.
+    left unset. untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
+    fold then gives the adapted use its own copy. trace_options: leaf_modules=, open_modules=, concrete_args=.
     On any error the model is left exactly as it was.
     """
     traced, rules, sites, decisions = _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend,
-                                                        r, alpha, dropout, trace_options)
+                                                        r, alpha, dropout, trace_options, untie)
     if not any(d.adapted for d in decisions):
         candidates = [s.name for s in sites]
         if not sites:
@@ -74,6 +120,7 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     gm = traced.graph_module
     state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
     inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
+    state.untied = {d.site.weight for d in decisions if d.adapted and d.site.weight in tied_weights(model)}
     gm.meta["lora_fx"] = state
     for name, p in gm.named_parameters():  # freeze the base: every parameter outside the LoRA container
         if not name.startswith(inject_pass.CONTAINER + "."):

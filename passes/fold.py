@@ -70,7 +70,7 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False,
                         where=type(gm).__name__, fix="please report this as a lora_fx bug")
     with torch.no_grad():
         for name, value in new_weights.items():
-            if inplace:
+            if inplace and name not in state.untied:
                 target.get_parameter(name).copy_(value)
             else:
                 set_parameter_copy_on_write(target, name, value)

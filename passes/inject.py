@@ -37,6 +37,7 @@ class LoraState:
     sites: list[Site]  # every candidate site found by the match pass
     decisions: list[Decision]
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA key -> weight name
+    untied: set[str] = field(default_factory=set)  # tied weights the user chose to untie at fold
 
 
 def adapter_key(weight: str, taken: set[str]) -> str:

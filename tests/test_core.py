@@ -253,3 +253,41 @@ def test_transformers_model_through_torch_export():
     out = lambda m: (lambda o: o[0] if isinstance(o, tuple) else o.logits)(m(ids))
     with torch.no_grad():
         assert torch.allclose(out(merged), out(adapted), atol=1e-4)
+
+
+class TiedHead(nn.Module):
+    """An embedding and an output head sharing one tensor, as most language models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_tied_weights_are_refused_or_skipped(frontend):
+    model, ids = TiedHead(), torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match="tied"):
+        adapted = lora_fx.adapt(model, example_inputs=(ids,), frontend=frontend, r=4)
+    assert list(adapted.lora_fx) == ["fc"]  # rules=None skips the tied head
+    with pytest.raises(lora_fx.RuleError, match="tied to") as info:
+        lora_fx.adapt(model, rules=[Rule(name="head")], example_inputs=(ids,), frontend=frontend, r=4)
+    assert "untie=True" in str(info.value)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_untie_gives_the_head_its_own_folded_weight(inplace):
+    model, ids = TiedHead(), torch.randint(0, 10, (2, 5))
+    emb_before = model.emb.weight.detach().clone()
+    adapted = lora_fx.adapt(model, rules=[Rule(name="head")], example_inputs=(ids,), frontend="fx", r=4, untie=True)
+    randomize_lora(adapted)
+    with torch.no_grad():
+        expected = adapted(ids)
+        merged = lora_fx.fold(adapted, inplace=inplace)
+        assert torch.allclose(merged(ids), expected, atol=1e-5)
+    assert torch.equal(model.emb.weight, emb_before)  # the embedding did not move
+    assert not torch.equal(dict(merged.named_parameters())["head.weight"], emb_before)
