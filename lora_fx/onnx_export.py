@@ -1,0 +1,271 @@
+"""Export a model to ONNX with one fixed set of exporter settings.
+
+Folding LoRA is only proven correct if the merged model's ONNX graph is structurally identical to the base
+model's. The dynamo exporter's output depends on its settings (opset, graph optimisation), so both exports must go
+through this one function. The file is written atomically: a failed export leaves nothing behind and never
+clobbers a previous file at the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lora_fx.errors import ExportError, InputError
+
+#: ONNX opset of every export. 20 is the default of the dynamo exporter in torch 2.9 through 2.13; stating it keeps
+#: base and merged exports comparable even if a later torch changes its default.
+OPSET = 20
+
+#: Names given to the dynamic axes when ``dynamic=True`` (they appear as ``dim_param`` in the ONNX inputs).
+DYNAMIC_AXIS_NAMES = ("batch", "sequence")
+
+# torch's root logger: the exporter, torch.export and dynamo log progress, graph dumps and duplicate tracebacks
+# under it; the error that matters is raised as an ExportError anyway.
+_NOISY_LOGGERS = ("torch",)
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic: bool = False,
+    dynamic_shapes: Any = None,
+    dtype: torch.dtype | None = None,
+) -> pathlib.Path:
+    """Export `model` to the ONNX file `path` and return the path.
+
+    The export runs in eval mode with ``torch.onnx.export(dynamo=True, optimize=True, opset_version=OPSET)``.
+    ``dynamic=True`` makes the first two dims of every tensor input dynamic (named ``batch`` and ``sequence``);
+    ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
+    ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
+    model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
+    next to the ``.onnx``; smaller ones come out as one self-contained file.
+    """
+    path = pathlib.Path(path)
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
+
+    with _output_dir(path) as tmp_dir:
+        with _eval_mode(model):
+            _check_inputs_fit(model, example_inputs, example_kwargs)
+            if dynamic_shapes is None and dynamic:
+                dynamic_shapes = _batch_sequence_shapes(model, example_inputs, example_kwargs)
+            if dtype is not None:
+                model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
+            _export(model, tmp_dir / path.name, example_inputs, example_kwargs, dynamic_shapes, path)
+        _move_into_place(tmp_dir, path)
+    return path
+
+
+@contextlib.contextmanager
+def _output_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary directory next to `path`, removed afterwards whatever happens.
+
+    Creating it up front is the real writability check (os.access says yes to root everywhere), and it puts the
+    temporary files on the same filesystem as `path`, so the final os.replace is atomic.
+    """
+    parent = path.parent
+    fix = "export to a path inside an existing, writable directory (create it first with os.makedirs)"
+    if path.is_dir():
+        raise ExportError("the output path is a directory, not a file", where=str(path), fix="give a file path such as 'model.onnx'")
+    if not parent.is_dir():
+        raise ExportError("the output directory does not exist or is not a directory", where=str(parent), fix=fix)
+    try:
+        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as err:
+        raise ExportError(f"the output directory is not writable: {err}", where=str(parent), fix=fix) from err
+    try:
+        yield tmp_dir
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put `model` in eval mode and restore every submodule's own training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export's unlifted modules refuse eval(); their graph is fixed at export time anyway
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Run the model's own forward once, so bad example inputs fail with a clear error instead of an exporter trace."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:
+        raise InputError(
+            f"the example inputs do not fit the model: its forward fails with {type(err).__name__}: {err}",
+            where=f"{type(model).__name__}.forward with inputs {_describe(args, kwargs)}",
+            fix="pass example inputs that the model's forward accepts (check shapes, dtypes and argument names)",
+        ) from err
+
+
+def _cast(
+    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dtype: torch.dtype
+) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
+    """A copy of the model cast to `dtype`, with floating inputs cast to match (integer inputs such as ids stay)."""
+    if not dtype.is_floating_point:
+        raise InputError(
+            f"dtype {dtype} is not a floating dtype", where="export_onnx(dtype=...)", fix="use torch.float16, torch.bfloat16 or None"
+        )
+    cast = copy.deepcopy(model).to(dtype)
+
+    def cast_value(value: Any) -> Any:
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return cast, _map_structure(cast_value, args), _map_structure(cast_value, kwargs)
+
+
+def _export(
+    model: torch.nn.Module,
+    target: pathlib.Path,
+    args: tuple,
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+    path: pathlib.Path,
+) -> None:
+    """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError."""
+    try:
+        with _quiet():
+            torch.onnx.export(
+                model,
+                args,
+                str(target),
+                kwargs=kwargs or None,
+                dynamo=True,
+                optimize=True,
+                opset_version=OPSET,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,  # the exporter still switches to external data for models over ~1.5 GB
+                verbose=False,
+                report=False,
+            )
+    except Exception as err:
+        raise ExportError(
+            f"torch.onnx.export failed for {type(model).__name__}: {_summary(err)}", where=str(path), fix=_export_fix(err)
+        ) from err
+    if not target.is_file():
+        raise ExportError("torch.onnx.export returned without writing a file", where=str(path), fix="report this as a bug")
+
+
+def _move_into_place(tmp_dir: pathlib.Path, path: pathlib.Path) -> None:
+    """Move the exported files next to `path`: external data first, the .onnx (which refers to it) last."""
+    main = tmp_dir / path.name
+    for extra in sorted(p for p in tmp_dir.iterdir() if p != main):
+        os.replace(extra, path.parent / extra.name)
+    os.replace(main, path)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress prints, its log lines and its deprecation warnings for the duration."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        # torch.export prints partial graphs of failed exports straight to sys.stderr
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            # inputs sharing a dim (batch of ids and mask) share one ONNX dim name; that is what we want
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+            # torch.export's unlifted modules cannot be put in eval mode (see _eval_mode); the warning is moot
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _batch_sequence_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """dynamic_shapes that mark dims 0 and 1 of every tensor input as ``batch`` and ``sequence``.
+
+    Keyed by forward-parameter name, the one form torch.export accepts for positional and keyword inputs alike.
+    String dims become Dim.DYNAMIC, and the exporter writes the strings as the ONNX dim names.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as err:
+        raise InputError(
+            f"the example inputs do not match the forward signature: {err}",
+            where=f"{type(model).__name__}.forward",
+            fix="pass the example inputs the forward expects, or give dynamic_shapes yourself",
+        ) from err
+
+    def axes(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {axis: name for axis, name in enumerate(DYNAMIC_AXIS_NAMES[: value.dim()])} or None
+        return None
+
+    return {name: _map_structure(axes, value) for name, value in bound.arguments.items()}
+
+
+def _map_structure(fn: Any, value: Any) -> Any:
+    """Apply `fn` to every leaf of nested tuples, lists and dicts, keeping the structure."""
+    if isinstance(value, dict):
+        return {key: _map_structure(fn, item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_structure(fn, item) for item in value)
+    return fn(value)
+
+
+def _describe(args: tuple, kwargs: dict[str, Any]) -> str:
+    """Shapes and dtypes of the example inputs, for error messages."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        if isinstance(value, (list, tuple)):
+            return "(" + ", ".join(one(item) for item in value) + ")"
+        return type(value).__name__
+
+    parts = [one(arg) for arg in args] + [f"{key}={one(value)}" for key, value in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _export_fix(err: Exception) -> str:
+    """Advice for the exporter stage that failed: capturing the graph (torch.export) or translating it to ONNX."""
+    if "step 1/3" in _plain(err) or "torch.export" in _plain(err).split("\n", 1)[0]:
+        return ("make torch.export.export(model, args, strict=False) succeed first: replace data-dependent Python "
+                "control flow with torch.where/torch.cond; with dynamic shapes, use example inputs whose batch and "
+                "sequence sizes are at least 2 and differ from the other dims")
+    return ("the model uses an op the ONNX exporter cannot translate (named above): rewrite that part of the model "
+            "with ops the exporter supports")
+
+
+def _plain(err: Exception) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+
+
+def _summary(err: Exception) -> str:
+    """The useful part of an exporter error: its exception summary, without colour codes or advice boilerplate."""
+    text = _plain(err)
+    match = re.search(r"## Exception summary\s*(.*?)\s*(\(Refer to|$)", text, re.S)
+    summary = match.group(1) if match else text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return summary.strip()

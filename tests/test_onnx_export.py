@@ -1,0 +1,186 @@
+"""export_onnx: fixed settings, dynamic axes, fp16 copies, atomic writes and clear errors (real torch, ONNX, ORT)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from lora_fx.errors import ExportError, InputError
+from lora_fx.onnx_export import OPSET, export_onnx
+from lora_fx.onnx_verify import verify_onnx
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with attention written out by hand."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (proj(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        if mask is not None:
+            scores = scores + mask[:, None, None, :]
+        x = x + self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class DataDependent(nn.Module):
+    """Runs eagerly, but torch.export cannot capture Python control flow on tensor values."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def _x(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+@pytest.fixture(scope="module")
+def block() -> Block:
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+@pytest.fixture(scope="module")
+def block_onnx(tmp_path_factory, block):
+    return export_onnx(block, tmp_path_factory.mktemp("block") / "block.onnx", (_x(2, 5, 16),))
+
+
+@pytest.fixture(scope="module")
+def mlp_export(tmp_path_factory):
+    """An MLP exported while in training mode (with one submodule in eval), to check the flags come back."""
+    torch.manual_seed(1)
+    model = MLP().train()
+    model.act.eval()
+    path = export_onnx(model, tmp_path_factory.mktemp("mlp") / "mlp.onnx", (_x(2, 3, 8),))
+    return model, path
+
+
+def test_export_writes_one_self_contained_file_with_fixed_opset(mlp_export):
+    _, path = mlp_export
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mlp.onnx"]  # no .data file, no temp dir left
+    model = onnx.load(str(path))
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    assert {o.domain: o.version for o in model.opset_import}[""] == OPSET
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_export_restores_each_training_flag_and_exports_in_eval_mode(mlp_export):
+    model, path = mlp_export
+    assert model.training and model.fc1.training and model.fc2.training
+    assert not model.act.training
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Gelu" in ops and "Dropout" not in ops
+
+
+def test_export_matches_torch_numerically(mlp_export):
+    model, path = mlp_export
+    x = _x(2, 3, 8)
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    model.train()
+    model.act.eval()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fx_graph_modules_export_identically_to_the_module(tmp_path, block, block_onnx):
+    """What the FX side relies on: a GraphModule of the model exports to the same structure and names."""
+    x = _x(2, 5, 16)
+    traced_module = torch.fx.symbolic_trace(block, concrete_args={"mask": None})
+    traced = export_onnx(traced_module, tmp_path / "traced.onnx", (x,))
+    exported = export_onnx(torch.export.export(block, (x,), strict=False).module(), tmp_path / "exported.onnx", (x,))
+    for path in (traced, exported):
+        report = verify_onnx(block_onnx, path)
+        assert report.identical, str(report)
+        names = [init.name for init in onnx.load(str(path)).graph.initializer]
+        assert names == [init.name for init in onnx.load(str(block_onnx)).graph.initializer]
+
+
+def test_dynamic_export_runs_at_other_batch_and_sequence_sizes(tmp_path, block):
+    x, mask = _x(2, 5, 16), torch.zeros(2, 5)
+    path = export_onnx(block, tmp_path / "dynamic.onnx", (x,), {"mask": mask}, dynamic=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes == {"x": ["batch", "sequence", 16], "mask": ["batch", "sequence"]}
+    for batch, seq in ((1, 3), (4, 9)):
+        x, mask = _x(batch, seq, 16), torch.zeros(batch, seq)
+        mask[:, -1] = -1e4  # the last position is masked out
+        (got,) = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
+        with torch.no_grad():
+            want = block(x, mask=mask).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_export_casts_a_copy_not_the_callers_model(tmp_path, block):
+    x = _x(2, 5, 16)
+    path = export_onnx(block, tmp_path / "half.onnx", (x,), dtype=torch.float16)
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {init.data_type for init in graph.initializer if init.name.endswith(".bias")} == {onnx.TensorProto.FLOAT16}
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.half().numpy()})
+    with torch.no_grad():
+        want = block(x).numpy()
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+def test_missing_directory_raises_export_error_and_writes_nothing(tmp_path):
+    target = tmp_path / "no_such_dir" / "model.onnx"
+    with pytest.raises(ExportError, match="does not exist") as info:
+        export_onnx(MLP(), target, (_x(2, 8),))
+    assert "no_such_dir" in str(info.value) and "How to fix" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_directory_raises_export_error(tmp_path):
+    """The parent is a regular file: nobody, root included, can create files under it."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    with pytest.raises(ExportError, match="blocker"):
+        export_onnx(MLP(), blocker / "model.onnx", (_x(2, 8),))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_inputs_that_do_not_fit_raise_input_error_and_keep_the_previous_file(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(InputError) as info:
+        export_onnx(MLP(), target, (_x(2, 3, 9),))  # fc1 expects 8 features
+    message = str(info.value)
+    assert "MLP" in message and "(2, 3, 9)" in message and "How to fix" in message
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_exporter_failure_raises_export_error_and_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(ExportError) as info:
+        export_onnx(DataDependent(), target, (_x(3, 3),))
+    assert "DataDependent" in str(info.value) and "torch.export" in info.value.fix
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
