@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
 from dataclasses import replace
@@ -19,6 +20,7 @@ from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.match import find_sites
+from lora_fx.passes.roles import with_roles
 from lora_fx.passes.trace import trace
 from lora_fx.plan import Plan
 from lora_fx.rules import Decision, LoraSettings, Rule, coerce_rules, decide
@@ -75,7 +77,8 @@ def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r,
     rules = coerce_rules(rules)
     defaults = _defaults(r, alpha, dropout)
     traced = trace(model, example_inputs, example_kwargs, frontend=frontend, **trace_options)
-    sites = find_sites(traced.graph_module, model)
+    sites = with_roles(traced.graph_module, find_sites(traced.graph_module, model),
+                       example_inputs=example_inputs, example_kwargs=example_kwargs)
     decisions = decide(sites, rules, defaults)
     decisions = _resolve_tied(decisions, tied_weights(model), rules is not None, untie, traced.frontend)
     return traced, rules, sites, decisions
@@ -128,29 +131,107 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     return gm
 
 
-def lora_parameters(adapted: nn.Module) -> Iterator[nn.Parameter]:
-    """The trainable LoRA parameters (every A and B) of an adapted module."""
-    container = _container(adapted)
-    for lora in container.values():
-        yield lora.lora_A
-        yield lora.lora_B
+def lora_parameters(adapted: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:
+    """The trainable LoRA parameters (every A and B) of an adapted module: of one adapter, or of every enabled one."""
+    _container(adapted)
+    for name, container in inject_pass.lora_state(adapted).containers(adapted).items():
+        if adapter is not None and name != adapter:
+            continue
+        for lora in container.values():
+            if adapter is not None or lora.enabled:
+                yield lora.lora_A
+                yield lora.lora_B
 
 
 def lora_state_dict(adapted: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors, named as in adapted.state_dict()."""
-    return {k: v for k, v in adapted.state_dict().items() if k.startswith(inject_pass.CONTAINER + ".")}
+    _container(adapted)
+    prefixes = tuple(inject_pass.container_name(a) + "." for a in inject_pass.lora_state(adapted).adapters)
+    return {k: v for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
 
 
-def fold(adapted: fx.GraphModule, *, inplace: bool = False,
-         accumulate_dtype: torch.dtype = torch.float32) -> fx.GraphModule:
-    """W0 + (alpha/r)·B·A accumulated in fp32 and rounded once; every LoRA node removed.
+def add_adapter(adapted: fx.GraphModule, name: str, rules: Rule | Iterable[Rule] | None = None, *, r: int = 8,
+                alpha: float = 16.0, dropout: float = 0.0) -> fx.GraphModule:
+    """Add another named adapter beside the existing ones, on sites chosen by its own rules (in place)."""
+    _container(adapted)
+    state = inject_pass.lora_state(adapted)
+    decisions = decide(state.sites, coerce_rules(rules), _defaults(r, alpha, dropout))
+    if not any(d.adapted for d in decisions):
+        raise NoSitesError(f"the rules of adapter {name!r} match none of the sites "
+                           f"{[s.name for s in state.sites][:20]}", where=name,
+                           fix="change the rules (lora_fx.plan lists the sites)")
+    inject_pass.inject(adapted, decisions, state, adapter=name)
+    return adapted
+
+
+def set_adapter(adapted: fx.GraphModule, names: str | Iterable[str] | None) -> None:
+    """Enable exactly the named adapters (None: none); the others add nothing until enabled again."""
+    _container(adapted)
+    names = {names} if isinstance(names, str) else set(names or ())
+    containers = inject_pass.lora_state(adapted).containers(adapted)
+    unknown = names - set(containers)
+    if unknown:
+        raise InputError(f"no adapter named {sorted(unknown)}", where=type(adapted).__name__,
+                         fix=f"use one of {sorted(containers)}")
+    for name, container in containers.items():
+        for lora in container.values():
+            lora.enabled = name in names
+
+
+def active_adapters(adapted: fx.GraphModule) -> list[str]:
+    _container(adapted)
+    return [name for name, c in inject_pass.lora_state(adapted).containers(adapted).items()
+            if any(lora.enabled for lora in c.values())]
+
+
+@contextlib.contextmanager
+def disable_adapters(adapted: fx.GraphModule):
+    """Inside the block the adapted module computes the base model's output."""
+    before = active_adapters(adapted)
+    set_adapter(adapted, None)
+    try:
+        yield adapted
+    finally:
+        set_adapter(adapted, before)
+
+
+def merge_adapter(adapted: fx.GraphModule, name: str = inject_pass.DEFAULT, *, keep_original: bool = True) -> None:
+    """Fold one adapter into W0 in place, keeping the graph adapted so unmerge_adapter can take it out again.
+
+    keep_original=True (default) keeps an exact copy of every W0 it changes, so unmerging is bit-exact; it costs
+    one copy of those weights in memory. With False, unmerging subtracts the delta (within rounding error)."""
+    _container(adapted)
+    fold_pass.merge_adapter(adapted, name, keep_original=keep_original)
+
+
+def unmerge_adapter(adapted: fx.GraphModule) -> None:
+    """Take the merged adapter back out of W0 and re-enable its branches."""
+    _container(adapted)
+    fold_pass.unmerge_adapter(adapted)
+
+
+def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iterable[str] | None = None,
+         accumulate_dtype: torch.dtype | None = None) -> fx.GraphModule:
+    """W0 + (alpha/r)·B·A accumulated in fp32 (fp64 for fp32 weights) and rounded once; every LoRA node removed.
 
     The result's graph equals the traced original node for node and its parameters keep the model's names.
     inplace=False (default): a new module whose folded weights are new tensors; `adapted` and the user's model
     keep theirs, so training can go on. inplace=True: writes into W0 (shared with the user's model) to save memory.
+    adapters: the adapter(s) to fold (default: every enabled one). accumulate_dtype overrides the accumulation.
     """
     _container(adapted)
-    return fold_pass.fold(adapted, inplace=inplace, accumulate_dtype=accumulate_dtype).graph_module
+    if inject_pass.lora_state(adapted).merged:
+        raise FoldError(f"adapter {inject_pass.lora_state(adapted).merged[-1]!r} is merged in place", where="fold",
+                        fix="call lora_fx.unmerge_adapter(adapted) first, or fold with inplace=False after it")
+    if isinstance(adapters, str):
+        adapters = [adapters]
+    if adapters is not None:
+        unknown = set(adapters) - set(inject_pass.lora_state(adapted).adapters)
+        if unknown:
+            raise InputError(f"no adapter named {sorted(unknown)}", where="fold",
+                             fix=f"use one of {sorted(inject_pass.lora_state(adapted).adapters)}")
+    return fold_pass.fold(adapted, inplace=inplace, adapters=None if adapters is None else list(adapters),
+                          accumulate_dtype=accumulate_dtype).graph_module
 
 
 def _container(adapted: Any) -> nn.ModuleDict:

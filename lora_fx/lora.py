@@ -39,17 +39,25 @@ class LoraLinear(nn.Module):
         init: str = "kaiming",
         weight_name: str = "",
         weight_layout: str = OUT_IN,
+        rows: tuple[tuple[int, int], ...] = (),
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
+        """rows: for a slice of a packed weight (q of a fused qkv), the output rows this LoRA updates;
+        B then has one row per updated row and the branch writes zeros elsewhere (loralib's MergedLinear)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.scaling_kind = r, float(alpha), scaling
         self.scaling = lora_scaling(r, alpha, scaling)
         self.weight_name, self.weight_layout = weight_name, weight_layout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # a disabled branch adds nothing (lora_fx.set_adapter / disable_adapters)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.rows = tuple(rows)
+        index = [i for start, end in self.rows for i in range(start, end)]
+        self.register_buffer("row_index", torch.tensor(index, dtype=torch.long, device=device) if index else None,
+                             persistent=False)
+        self.lora_B = nn.Parameter(torch.zeros(len(index) or out_features, r, dtype=dtype, device=device))
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -60,16 +68,25 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         h = self.dropout(x).to(self.lora_A.dtype)
-        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
+        return (F.linear(F.linear(h, self.lora_A), self._full_B()) * self.scaling).to(x.dtype)
+
+    def _full_B(self) -> torch.Tensor:
+        """B with zero rows outside the slice (out x r: as small as B itself, so cheap)."""
+        if self.row_index is None:
+            return self.lora_B
+        return self.lora_B.new_zeros(self.out_features, self.r).index_copy(0, self.row_index, self.lora_B)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """scaling · B · A in `dtype`, laid out like the base weight (transposed for IN_OUT weights)."""
-        delta = (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+        delta = (self._full_B().detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
         return delta.T if self.weight_layout == IN_OUT else delta
 
     def extra_repr(self) -> str:
         return (
-            f"{self.weight_name}: in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"{self.weight_name}{f' rows {list(self.rows)}' if self.rows else ''}: in={self.in_features}, "
+            f"out={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, scaling={self.scaling:g}"
         )

@@ -18,12 +18,18 @@ class Plan:
     def adapted(self) -> list[Decision]:
         return [d for d in self.decisions if d.adapted]
 
+    @staticmethod
+    def _params(d: Decision) -> int:
+        """r·(in + out) for a whole weight; r·(in + rows) for each role slice of a packed weight."""
+        if not d.adapted:
+            return 0
+        if d.rows:
+            return sum(d.settings.r * (d.site.in_features + sum(e - s for s, e in ranges)) for _, ranges in d.rows)
+        return d.settings.r * (d.site.in_features + d.site.out_features)
+
     def parameters_added(self) -> int:
-        """LoRA parameters adapt would add: r·(in + out) per adapted weight (a shared weight counts once)."""
-        seen = {}
-        for d in self.adapted:
-            seen[d.site.weight] = d.settings.r * (d.site.in_features + d.site.out_features)
-        return sum(seen.values())
+        """LoRA parameters adapt would add (a weight used at several sites counts once)."""
+        return sum({(d.site.weight, d.rows): self._params(d) for d in self.adapted}.values())
 
     def rows(self) -> list[dict]:
         rows = []
@@ -35,7 +41,7 @@ class Plan:
                 "rule": d.rule_index, "adapted": d.adapted,
                 "r": d.settings.r if d.settings else None,
                 "alpha": d.settings.alpha if d.settings else None,
-                "params": d.settings.r * (s.in_features + s.out_features) if d.settings else 0,
+                "params": self._params(d), "slices": [role for role, _ in d.rows],
                 "why": d.reason,
             })
         return rows

@@ -30,6 +30,9 @@ class Site:
     input_arg: int  # which positional argument of the node is the activation x
     layer: int | None = None  # the i in "layers.<i>." (or h.<i>, blocks.<i>, ...), if any
     roles: tuple[str, ...] = field(default=())  # graph roles such as "attn.q", filled by the roles pass
+    # packed weights only (GPT-2's c_attn, MultiheadAttention's in_proj_weight, a fused qkv): per role, the rows of the
+    # weight (output features) it computes, as (role, ((start, end), ...)) pairs; filled by the roles pass
+    role_rows: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = field(default=())
 
     @property
     def name(self) -> str:

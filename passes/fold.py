@@ -1,11 +1,18 @@
-"""Fold pass: W0 <- W0 + (alpha/r)·B·A for every LoRA, then remove every LoRA node and module.
+"""Fold pass: W0 <- W0 + Σ (alpha/r)·B·A over the enabled LoRAs, then remove every LoRA node and module.
 
-The sum is accumulated in fp32 (or fp64 on request) and rounded once into W0's dtype. Every new weight is
+The sum is accumulated in fp32 for 16-bit weights and fp64 for fp32 weights (or as requested) and rounded once
+into W0's dtype. Every new weight is
 computed and checked (finite) before anything is written, so a refused fold changes nothing. The folded graph is
 checked node for node against the graph adapt traced: fold gives back the original graph or raises.
+
+merge_adapter / unmerge_adapter switch adapters in place on an adapted graph: merging writes W0 + delta into W0
+(keeping an exact copy of W0 unless told not to) and disables the merged branches; unmerging restores W0 bit for bit.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Iterator
 
 import torch
 from torch import fx
@@ -13,26 +20,52 @@ from torch import fx
 from lora_fx.errors import FoldError
 from lora_fx.passes.infra import PassResult, clone_graph_module, first_difference, graph_signature, \
     set_parameter_copy_on_write
-from lora_fx.passes.inject import ADD, BRANCH, CONTAINER, lora_state
+from lora_fx.passes.inject import ADD, BRANCH, container_name, lora_state
 
 
-def folded_weights(gm: fx.GraphModule, accumulate_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """{weight name: W0 + delta rounded once to W0's dtype} for every LoRA; refuses non-finite A or B."""
-    container = getattr(gm, CONTAINER)
-    new = {}
-    for key, lora in container.items():
-        for pname in ("lora_A", "lora_B"):
-            p = getattr(lora, pname)
-            if not torch.isfinite(p).all():
-                raise FoldError(
-                    f"{pname} of the LoRA on {lora.weight_name!r} holds NaN or Inf; nothing was folded",
-                    where=f"{CONTAINER}.{key}.{pname}",
-                    fix="training diverged: lower the learning rate, use gradient clipping, or reload a good adapter")
-        w0 = gm.get_parameter(lora.weight_name)
-        with torch.no_grad():
-            acc = max(accumulate_dtype, w0.dtype, key=lambda d: torch.finfo(d).bits)
-            new[lora.weight_name] = (w0.detach().to(acc) + lora.delta_weight(acc).to(w0.device)).to(w0.dtype)
-    return new
+def _check_finite(name: str, key: str, lora) -> None:
+    for pname in ("lora_A", "lora_B"):
+        if not torch.isfinite(getattr(lora, pname)).all():
+            raise FoldError(
+                f"{pname} of the LoRA on {lora.weight_name!r} holds NaN or Inf; nothing was folded",
+                where=f"{container_name(name)}.{key}.{pname}",
+                fix="training diverged: lower the learning rate, use gradient clipping, or reload a good adapter")
+
+
+def accumulation_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
+    """fp32 for 16-bit weights, fp64 for fp32 weights (so the result is W0 + delta rounded once), or as requested
+    (never below the weight's own precision)."""
+    default = torch.float64 if torch.finfo(weight_dtype).bits >= 32 else torch.float32
+    chosen = requested or default
+    return max(chosen, weight_dtype, key=lambda d: torch.finfo(d).bits)
+
+
+def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
+                   accumulate_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(weight name, W0 + Σ deltas rounded once to W0's dtype) over the enabled LoRAs of `adapters` (None: all).
+
+    Checks every A and B for NaN/Inf first (raising before anything is computed), then yields one weight at a
+    time, so only one weight's high-precision sum is alive at once."""
+    state = lora_state(gm)
+    chosen = [(name, key, lora) for name, container in state.containers(gm).items()
+              if adapters is None or name in adapters for key, lora in container.items() if lora.enabled]
+    for name, key, lora in chosen:
+        _check_finite(name, key, lora)
+    by_weight: dict[str, list] = {}
+    for _, _, lora in chosen:
+        by_weight.setdefault(lora.weight_name, []).append(lora)
+    return _sums(gm, by_weight, accumulate_dtype)
+
+
+def _sums(gm, by_weight, accumulate_dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    with torch.no_grad():
+        for weight, loras in by_weight.items():
+            w0 = gm.get_parameter(weight)
+            acc = accumulation_dtype(w0.dtype, accumulate_dtype)
+            total = w0.detach().to(acc, copy=True)  # never a view of W0
+            for lora in loras:
+                total += lora.delta_weight(acc).to(w0.device)
+            yield weight, total.to(w0.dtype)
 
 
 def strip_lora_nodes(graph: fx.Graph) -> int:
@@ -52,15 +85,21 @@ def strip_lora_nodes(graph: fx.Graph) -> int:
     return removed
 
 
-def fold(gm: fx.GraphModule, *, inplace: bool = False,
-         accumulate_dtype: torch.dtype = torch.float32) -> PassResult:
+def _not_adapted(gm) -> FoldError:
+    return FoldError("this module was not adapted by lora_fx (no LoRA state on it)",
+                     where=type(gm).__name__, fix="pass the module that lora_fx.adapt returned")
+
+
+def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | None = None,
+         accumulate_dtype: torch.dtype | None = None) -> PassResult:
     """Fold an adapted GraphModule. inplace=False returns a new module (folded weights are new tensors, the others
-    shared) and leaves `gm` adapted; inplace=True writes into W0 and strips `gm` itself."""
+    shared) and leaves `gm` adapted; inplace=True writes into W0 and strips `gm` itself.
+
+    `adapters` names the adapters to fold (None: every enabled one); the others are dropped."""
     state = lora_state(gm)
-    if state is None or not hasattr(gm, CONTAINER):
-        raise FoldError("this module was not adapted by lora_fx (no LoRA state on it)",
-                        where=type(gm).__name__, fix="pass the module that lora_fx.adapt returned")
-    new_weights = folded_weights(gm, accumulate_dtype)  # raises before anything changes
+    if state is None:
+        raise _not_adapted(gm)
+    new_weights = folded_weights(gm, adapters, accumulate_dtype)  # checks A, B before anything changes
 
     target = gm if inplace else clone_graph_module(gm)
     removed = strip_lora_nodes(target.graph)
@@ -68,17 +107,78 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False,
     if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
         raise FoldError(f"the folded graph differs from the traced original: {difference}",
                         where=type(gm).__name__, fix="please report this as a lora_fx bug")
+    folded = []
     with torch.no_grad():
-        for name, value in new_weights.items():
+        for name, value in new_weights:
+            folded.append(name)
             if inplace and name not in state.untied:
                 target.get_parameter(name).copy_(value)
             else:
                 set_parameter_copy_on_write(target, name, value)
+    for adapter in state.adapters:
+        target._modules.pop(container_name(adapter), None)
     if inplace:
-        target.delete_submodule(CONTAINER)
         target.meta.pop("lora_fx", None)
-    else:
-        target._modules.pop(CONTAINER, None)
     target.recompile()
-    changes = [f"folded the LoRA of {name}" for name in new_weights] + [f"removed {removed} LoRA nodes"]
+    changes = [f"folded the LoRA of {name}" for name in folded] + [f"removed {removed} LoRA nodes"]
     return PassResult(target, True, changes)
+
+
+def merge_adapter(gm: fx.GraphModule, adapter: str, *, keep_original: bool = True,
+                  accumulate_dtype: torch.dtype | None = None) -> PassResult:
+    """Write adapter's delta into W0 in place and disable its branches, keeping the graph adapted.
+
+    keep_original=True keeps an exact copy of each W0 it changes (memory: one copy of those weights) so
+    unmerge_adapter restores them bit for bit; False subtracts the delta again on unmerge (rounding error)."""
+    state = lora_state(gm)
+    if state is None:
+        raise _not_adapted(gm)
+    if adapter not in state.adapters:
+        raise FoldError(f"no adapter named {adapter!r}", where=type(gm).__name__,
+                        fix=f"use one of {sorted(state.adapters)}")
+    if state.merged:
+        raise FoldError(f"adapter {state.merged[-1]!r} is merged already", where=type(gm).__name__,
+                        fix="call lora_fx.unmerge_adapter first, then merge the next one")
+    container = state.containers(gm)[adapter]
+    if not any(l.enabled for l in container.values()):
+        raise FoldError(f"adapter {adapter!r} is disabled", where=type(gm).__name__,
+                        fix=f"enable it with lora_fx.set_adapter(adapted, {adapter!r})")
+    merged = []
+    with torch.no_grad():
+        for name, value in folded_weights(gm, [adapter], accumulate_dtype):
+            merged.append(name)
+            w = gm.get_parameter(name)
+            if keep_original:
+                state.originals[name] = w.detach().clone()
+            w.copy_(value)
+    for lora in container.values():
+        lora.enabled = False
+    state.merged.append(adapter)
+    return PassResult(gm, True, [f"merged {adapter!r} into {merged}"])
+
+
+def unmerge_adapter(gm: fx.GraphModule, accumulate_dtype: torch.dtype | None = None) -> PassResult:
+    """Take the merged adapter back out of W0 (exactly, when merge kept the originals) and re-enable it."""
+    state = lora_state(gm)
+    if state is None:
+        raise _not_adapted(gm)
+    if not state.merged:
+        raise FoldError("no adapter is merged", where=type(gm).__name__,
+                        fix="call lora_fx.merge_adapter(adapted, name) first")
+    adapter = state.merged.pop()
+    container = state.containers(gm)[adapter]
+    with torch.no_grad():
+        if state.originals:
+            for name, original in state.originals.items():
+                gm.get_parameter(name).copy_(original)
+            state.originals.clear()
+        else:
+            warnings.warn("lora_fx: unmerging by subtraction (merge_adapter ran with keep_original=False): "
+                          "W0 comes back within rounding error, not bit for bit", stacklevel=2)
+            for lora in container.values():
+                w = gm.get_parameter(lora.weight_name)
+                acc = accumulation_dtype(w.dtype, accumulate_dtype)
+                w.copy_((w.to(acc) - lora.delta_weight(acc).to(w.device)).to(w.dtype))
+    for lora in container.values():
+        lora.enabled = True
+    return PassResult(gm, True, [f"unmerged {adapter!r}"])

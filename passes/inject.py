@@ -24,8 +24,13 @@ from lora_fx.passes.infra import PassResult, graph_signature
 from lora_fx.rules import Decision, LoraSettings
 from lora_fx.site import Site
 
-CONTAINER = "lora_fx"  # name of the ModuleDict that holds the LoRA modules
+CONTAINER = "lora_fx"  # name of the ModuleDict that holds the default adapter's LoRA modules
+DEFAULT = "default"  # the adapter adapt creates; others live in ModuleDicts named lora_fx_<name>
 BRANCH, ADD = "branch", "add"  # node.meta["lora_fx"] tags that the fold pass removes
+
+
+def container_name(adapter: str) -> str:
+    return CONTAINER if adapter == DEFAULT else f"{CONTAINER}_{adapter}"
 
 
 @dataclass
@@ -36,21 +41,28 @@ class LoraState:
     original_graph: list  # graph_signature of the traced graph before injection
     sites: list[Site]  # every candidate site found by the match pass
     decisions: list[Decision]
-    adapters: dict[str, str] = field(default_factory=dict)  # LoRA key -> weight name
+    adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # adapter name -> {LoRA key: weight name}
     untied: set[str] = field(default_factory=set)  # tied weights the user chose to untie at fold
+    merged: list[str] = field(default_factory=list)  # adapters merged in place by merge_adapter, in order
+    originals: dict[str, "torch.Tensor"] = field(default_factory=dict)  # exact W0 kept by merge_adapter
+
+    def containers(self, gm: fx.GraphModule) -> dict[str, nn.ModuleDict]:
+        """{adapter name: its ModuleDict of LoraLinear} in the order the adapters were added."""
+        return {name: getattr(gm, container_name(name)) for name in self.adapters}
 
 
-def adapter_key(weight: str, taken: set[str]) -> str:
-    """'layers.0.attn.q.weight' -> 'layers_0_attn_q'; unique within `taken`."""
+def adapter_key(weight: str, taken: set[str], suffix: str = "") -> str:
+    """'layers.0.attn.q.weight' -> 'layers_0_attn_q' (+ '_' + suffix); unique within `taken`."""
     base = re.sub(r"\W", "_", re.sub(r"\.weight$", "", weight)) or "weight"
+    base = f"{base}_{suffix}" if suffix else base
     key, i = base, 1
     while key in taken:
         key, i = f"{base}_{i}", i + 1
     return key
 
 
-def check_settings(weight: str, decisions: list[Decision]) -> LoraSettings:
-    """One LoRA per weight: all its sites must agree on the settings; r must fit the weight."""
+def check_settings(weight: str, decisions: list[Decision], rows: tuple = ()) -> LoraSettings:
+    """One LoRA per weight (or per slice of a packed weight): its sites must agree on the settings; r must fit."""
     settings = {d.settings for d in decisions}
     if len(settings) > 1:
         raise RuleError(
@@ -59,52 +71,71 @@ def check_settings(weight: str, decisions: list[Decision]) -> LoraSettings:
             where=weight, fix="one weight gets one LoRA: make the rules give its sites the same r/alpha/dropout")
     (chosen,) = settings
     site = decisions[0].site
-    if chosen.r > min(site.in_features, site.out_features):
+    out = sum(end - start for start, end in rows) if rows else site.out_features
+    limit = min(site.in_features, out)
+    if chosen.r > limit:
         raise RuleError(
-            f"r={chosen.r} is larger than min(in, out) = {min(site.in_features, site.out_features)} of weight "
-            f"{weight!r} ({site.out_features}x{site.in_features}): the update would not be low-rank",
-            where=site.name, fix=f"use r <= {min(site.in_features, site.out_features)} for this site")
+            f"r={chosen.r} is larger than min(in, out) = {limit} of weight {weight!r} "
+            f"({out}x{site.in_features}{' slice' if rows else ''}): the update would not be low-rank",
+            where=site.name, fix=f"use r <= {limit} for this site")
     return chosen
 
 
-def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState) -> PassResult:
-    """Add LoRA branches for the adapted decisions. Validates everything before changing the graph."""
-    by_weight: dict[str, list[Decision]] = {}
+def _units(decisions: list[Decision]) -> dict[tuple, list[Decision]]:
+    """Group adapted decisions into LoRA units: (weight, role, rows) -> decisions. A packed weight selected by
+    role gives one unit per role slice (loralib's MergedLinear); any other weight one unit."""
+    units: dict[tuple, list[Decision]] = {}
     for d in decisions:
-        if d.adapted:
-            by_weight.setdefault(d.site.weight, []).append(d)
-    settings = {w: check_settings(w, ds) for w, ds in by_weight.items()}  # raises before any change
+        if not d.adapted:
+            continue
+        for role, ranges in d.rows or ((None, ()),):
+            units.setdefault((d.site.weight, role, tuple(ranges)), []).append(d)
+    return units
+
+
+def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adapter: str = DEFAULT) -> PassResult:
+    """Add LoRA branches for the adapted decisions. Validates everything before changing the graph.
+
+    Another adapter on an already adapted graph adds its own branches beside the same base nodes
+    (y' = add(add(y, branch_2), branch_1)); fold removes them all."""
+    if not adapter.isidentifier() or adapter in state.adapters:
+        raise RuleError(f"adapter name {adapter!r} is taken or not an identifier", where="adapter",
+                        fix=f"use a new name made of letters, digits and _ (taken: {sorted(state.adapters)})")
+    units = _units(decisions)
+    settings = {u: check_settings(u[0], ds, u[2]) for u, ds in units.items()}  # raises before any change
 
     container = nn.ModuleDict()
-    gm.add_module(CONTAINER, container)
+    gm.add_module(container_name(adapter), container)
+    state.adapters[adapter] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     changes = []
-    for weight, ds in by_weight.items():
-        s, site = settings[weight], ds[0].site
+    for unit, ds in units.items():
+        (weight, role, rows), s, site = unit, settings[unit], ds[0].site
         base_w = gm.get_parameter(weight)
-        key = adapter_key(weight, set(container.keys()))
+        key = adapter_key(weight, set(container.keys()), suffix=role.rpartition(".")[2] if role else "")
         lora_dtype = base_w.dtype if base_w.dtype.itemsize >= 4 else torch.float32
         container[key] = LoraLinear(site.in_features, site.out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
                                     scaling=s.scaling, init=s.init, weight_name=weight,
-                                    weight_layout=site.weight_layout, dtype=lora_dtype, device=base_w.device)
-        state.adapters[key] = weight
+                                    weight_layout=site.weight_layout, rows=rows, dtype=lora_dtype,
+                                    device=base_w.device)
+        state.adapters[adapter][key] = weight
         for d in ds:
             base = nodes[d.site.node]
             x = base.args[d.site.input_arg]
             with gm.graph.inserting_after(base):
-                branch = gm.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                branch = gm.graph.call_module(f"{container_name(adapter)}.{key}", (x,))
             with gm.graph.inserting_after(branch):
                 add = gm.graph.call_function(operator.add, (base, branch))
             base.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
-            branch.meta["lora_fx"], add.meta["lora_fx"] = (BRANCH, key), (ADD, key)
+            branch.meta["lora_fx"], add.meta["lora_fx"] = (BRANCH, adapter, key), (ADD, adapter, key)
             for n in (branch, add):  # keep the provenance torch.export and the ONNX exporter read
                 for k in ("nn_module_stack", "stack_trace"):
                     if k in base.meta:
                         n.meta[k] = base.meta[k]
-        changes.append(f"{weight}: LoRA r={s.r} alpha={s.alpha:g} at {[d.site.node for d in ds]}")
+        changes.append(f"{weight}{f' ({role} rows)' if role else ''}: LoRA {adapter!r} r={s.r} alpha={s.alpha:g} at {[d.site.node for d in ds]}")
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(by_weight), changes)
+    return PassResult(gm, bool(units), changes)
 
 
 def lora_state(gm) -> LoraState | None:
