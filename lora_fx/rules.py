@@ -14,11 +14,18 @@ Name selectors look at two qualified names of a site: its module's (e.g. "layers
 ("layers.0.attn.q.weight"). `name` is a regex that must match the whole name or a whole dotted suffix of it, so
 "q_proj" matches "model.layers.0.self_attn.q_proj" (the same convention as PEFT's rank_pattern); `glob` is an
 fnmatch pattern on the whole name.
+
+`role` names what a site does in the graph ("attn.q", "attn.k", "attn.v", "attn.out", "mlp", or one added with
+lora_fx.passes.roles.register_role); roles are found from the graph's structure by lora_fx.passes.roles and checked
+against the registry when rules are applied (`decide`). A malformed field raises RuleError when the Rule is made,
+naming the field (also in `error.field`). Rules files (TOML/JSON): lora_fx.rules_file. Reference: docs/rules.md.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable
@@ -31,9 +38,47 @@ from lora_fx.site import OP_KINDS, Site
 def _as_tuple(value: Any) -> tuple | None:
     if value is None:
         return None
-    if isinstance(value, (str, int, type)):
+    if isinstance(value, (str, int, float, type)):
         return (value,)
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:
+        return (value,)  # validate() names the field
+
+
+_LAYER_SPAN = re.compile(r"^\s*(\d*)\s*:\s*(\d+)\s*(?::\s*([1-9]\d*)\s*)?$")
+
+
+def _layers(value: Any) -> Any:
+    """int, range, list of ints, or a "start:stop[:step]" string (rules files have no range type)."""
+    if isinstance(value, str):
+        m = _LAYER_SPAN.match(value)
+        if m is None:
+            return frozenset([value])  # validate() reports it
+        return frozenset(range(int(m.group(1) or 0), int(m.group(2)), int(m.group(3) or 1)))
+    items = _as_tuple(value)
+    out = []
+    for item in items:
+        if isinstance(item, str) and _LAYER_SPAN.match(item):
+            out.extend(_layers(item))
+        else:
+            out.append(item)
+    try:
+        return frozenset(out)
+    except TypeError:
+        return frozenset(map(repr, out))
+
+
+def _bad(field_name: str, what: str, where: str, fix: str) -> RuleError:
+    """A RuleError that names the field (also kept as `.field` for tools and tests)."""
+    named = re.match(rf"`?{re.escape(field_name)}`?\b", what) is not None
+    err = RuleError(what if named else f"`{field_name}`: {what}", where=where, fix=fix)
+    err.field = field_name
+    return err
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -45,8 +90,8 @@ class Rule:
     module_type: Any = None  # class or class name (or several) of the module owning the weight
     in_features: int | tuple[int, ...] | None = None
     out_features: int | tuple[int, ...] | None = None
-    layers: Any = None  # layer index: int, range or list of ints
-    role: str | tuple[str, ...] | None = None  # graph role: "attn.q", "attn.k", "attn.v", "attn.out", "mlp"
+    layers: Any = None  # layer index: int, range, list of ints, or "start:stop" string
+    role: str | tuple[str, ...] | None = None  # graph role: "attn.q", "attn.k", "attn.v", "attn.out", "mlp", ...
     exclude: bool = False  # a matching site gets no LoRA
     # --- LoRA settings (None = the default given to adapt) ---
     r: int | None = None
@@ -57,43 +102,65 @@ class Rule:
 
     def __post_init__(self) -> None:
         # Normalise list-like selectors to tuples so rules stay hashable and print the same way.
-        for key in ("op", "in_features", "out_features", "role"):
+        for key in ("op", "in_features", "out_features", "role", "module_type"):
             object.__setattr__(self, key, _as_tuple(getattr(self, key)))
-        if self.module_type is not None:
-            object.__setattr__(self, "module_type", _as_tuple(self.module_type))
         if self.layers is not None:
-            object.__setattr__(self, "layers", frozenset(_as_tuple(self.layers)))
+            object.__setattr__(self, "layers", _layers(self.layers))
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Refuse malformed rules when they are made, naming the field."""
         where = f"rule {self.describe()}"
-        for key in ("name",):
+        for key in ("name", "glob"):
             pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise RuleError(f"`{key}` is not a valid regex: {e}", where=where,
-                                    fix="escape dots and brackets, or use glob= for shell-style patterns") from None
+            if pattern is not None and not isinstance(pattern, str):
+                raise _bad(key, f"`{key}` must be a string, got {type(pattern).__name__} {pattern!r}", where,
+                           f"use e.g. {key}='q_proj'")
+        if self.name is not None:
+            try:
+                re.compile(self.name)
+            except re.error as e:
+                raise _bad("name", f"`name` is not a valid regex: {e}", where,
+                           "escape dots and brackets, or use glob= for shell-style patterns") from None
         if self.op is not None:
             bad = [o for o in self.op if o not in OP_KINDS]
             if bad:
-                raise RuleError(f"unknown op kind(s) {bad}", where=where, fix=f"use one of {list(OP_KINDS)}")
-        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0):
-            raise RuleError(f"r must be a positive integer, got {self.r!r}", where=where, fix="use e.g. r=8")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise RuleError(f"alpha must be a positive number, got {self.alpha!r}", where=where, fix="use e.g. alpha=16")
-        if self.dropout is not None and not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            raise RuleError(f"dropout must be in [0, 1), got {self.dropout!r}", where=where, fix="use e.g. dropout=0.05")
+                raise _bad("op", f"op: unknown op kind(s) {bad}", where, f"use one of {list(OP_KINDS)}")
+        if self.module_type is not None:
+            bad = [t for t in self.module_type if not isinstance(t, (str, type))]
+            if bad:
+                raise _bad("module_type", f"module_type must be classes or class names, got {bad!r}", where,
+                           "use e.g. module_type=torch.nn.Linear or module_type='Linear'")
+        for key in ("in_features", "out_features"):
+            value = getattr(self, key)
+            if value is not None and not all(_is_int(v) and v > 0 for v in value):
+                raise _bad(key, f"{key} must be positive integers, got {list(value)!r}", where,
+                           f"use e.g. {key}=768 or {key}=[768, 3072]")
+        if self.layers is not None and not all(_is_int(i) for i in self.layers):
+            raise _bad("layers", f"layers must be ints, got {sorted(map(repr, self.layers))}", where,
+                       'use an int, a range, a list of ints or a "start:stop" string')
+        if self.role is not None:
+            bad = [x for x in self.role if not isinstance(x, str) or not x]
+            if bad or not self.role:
+                raise _bad("role", f"role must be role names (strings), got {list(self.role)!r}", where,
+                           "use e.g. role='attn.q' or role=['attn.q', 'attn.v']")
+        if not isinstance(self.exclude, bool):
+            raise _bad("exclude", f"exclude must be true or false, got {self.exclude!r}", where,
+                       "use exclude=True to keep matching sites without LoRA")
+        if self.r is not None and (not _is_int(self.r) or self.r <= 0):
+            raise _bad("r", f"r must be a positive integer, got {self.r!r}", where, "use e.g. r=8")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                           and math.isfinite(self.alpha) and self.alpha > 0):
+            raise _bad("alpha", f"alpha must be a positive number, got {self.alpha!r}", where, "use e.g. alpha=16")
+        if self.dropout is not None and not (isinstance(self.dropout, (int, float))
+                                             and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1):
+            raise _bad("dropout", f"dropout must be in [0, 1), got {self.dropout!r}", where,
+                       "use e.g. dropout=0.05")
         if self.scaling is not None and self.scaling not in SCALINGS:
-            raise RuleError(f"unknown scaling {self.scaling!r}", where=where, fix=f"use one of {list(SCALINGS)}")
+            raise _bad("scaling", f"unknown scaling {self.scaling!r}", where, f"use one of {list(SCALINGS)}")
         if self.init is not None and self.init not in INITS:
-            raise RuleError(f"unknown init {self.init!r}", where=where, fix=f"use one of {list(INITS)}")
-        if self.layers is not None and not all(isinstance(i, int) for i in self.layers):
-            raise RuleError(f"layers must be ints, got {sorted(map(repr, self.layers))}", where=where,
-                            fix="use an int, a range or a list of ints")
+            raise _bad("init", f"unknown init {self.init!r}", where, f"use one of {list(INITS)}")
 
     # ------------------------------------------------------------------ matching
     def check(self, site: Site) -> str | None:
@@ -112,10 +179,18 @@ class Rule:
         if self.out_features is not None and site.out_features not in self.out_features:
             return f"out_features {site.out_features} not in {list(self.out_features)}"
         if self.layers is not None and site.layer not in self.layers:
-            return f"layer {site.layer} not in {sorted(self.layers)}"
+            return f"layer {site.layer} not in {_sorted(self.layers)}"
         if self.role is not None and not set(self.role) & set(site.roles):
             return f"roles {list(site.roles) or 'none'} do not include {list(self.role)}"
         return None
+
+    def matched_roles(self, site: Site) -> tuple[str, ...]:
+        """The site's roles this rule selects: all of them without a role selector, else the ones it names.
+
+        For a packed weight (GPT-2's c_attn has roles q, k and v) this says which slices the rule means."""
+        if self.role is None:
+            return tuple(site.roles)
+        return tuple(r for r in site.roles if r in self.role)
 
     def describe(self) -> str:
         """A short form such as Rule(name='q_proj', r=8) for tables and messages."""
@@ -125,7 +200,7 @@ class Rule:
             if value is None or (f.name == "exclude" and not value):
                 continue
             if f.name == "layers":
-                value = sorted(value)
+                value = _sorted(value)
             elif f.name == "module_type":
                 value = [getattr(t, "__name__", t) for t in value]
             elif isinstance(value, tuple) and len(value) == 1:
@@ -140,13 +215,20 @@ class Rule:
             if value is None or (key == "exclude" and not value):
                 continue
             if key == "layers":
-                value = sorted(value)
+                value = _sorted(value)
             elif key == "module_type":
                 value = [getattr(t, "__name__", t) for t in self.module_type]
             elif isinstance(value, tuple):
                 value = list(value)
             out[key] = value
         return out
+
+
+def _sorted(values: Iterable) -> list:
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=repr)
 
 
 def _name_matches(pattern: str, name: str) -> bool:
@@ -181,14 +263,35 @@ class Decision:
     rule_index: int | None
     settings: LoraSettings | None
     reason: str = ""
+    # For a packed weight selected by role: the (role, row ranges) slices that get their own LoRA; () = whole weight
+    rows: tuple = ()
 
     @property
     def adapted(self) -> bool:
         return self.settings is not None
 
 
+def check_roles(rules: list[Rule] | None) -> None:
+    """Every role a rule names must be known (built in, or added with lora_fx.passes.roles.register_role).
+
+    Checked when rules are applied, not when they are made, so roles registered after a rules file was read count."""
+    if not rules or all(rule.role is None for rule in rules):
+        return
+    from lora_fx.passes.roles import known_roles  # the roles pass loads networkx: only when a rule needs it
+
+    known = known_roles()
+    for i, rule in enumerate(rules):
+        for role in rule.role or ():
+            if role not in known:
+                near = difflib.get_close_matches(role, known, n=3, cutoff=0.4)
+                raise _bad("role", f"unknown role {role!r}" + (f" (did you mean {near}?)" if near else ""),
+                           f"rules[{i}] {rule.describe()}",
+                           f"known roles: {list(known)}; add one with lora_fx.passes.roles.register_role(name, finder)")
+
+
 def decide(sites: Iterable[Site], rules: list[Rule] | None, defaults: LoraSettings) -> list[Decision]:
     """First matching rule wins; rules=None adapts every site with the defaults."""
+    check_roles(rules)
     decisions = []
     for site in sites:
         if rules is None:
@@ -199,12 +302,45 @@ def decide(sites: Iterable[Site], rules: list[Rule] | None, defaults: LoraSettin
             why_not = rule.check(site)
             if why_not is None:
                 settings = None if rule.exclude else LoraSettings.resolve(rule, defaults)
-                decisions.append(Decision(site, i, settings, f"rule {i} {'excludes' if rule.exclude else 'matches'}"))
+                rows = ()
+                if settings is not None and rule.role is not None and site.role_rows:
+                    rows = tuple((role, ranges) for role, ranges in site.role_rows if role in rule.role)
+                decisions.append(Decision(site, i, settings, f"rule {i} {'excludes' if rule.exclude else 'matches'}"
+                                          + (f" rows of {[r for r, _ in rows]}" if rows else ""), rows))
                 break
             reasons.append(f"rule {i}: {why_not}")
         else:
             decisions.append(Decision(site, None, None, "; ".join(reasons) or "no rules"))
     return decisions
+
+
+def unused_rules(rules: list[Rule] | None, decisions: list[Decision]) -> list[int]:
+    """Indices of the rules that decided no site (a rule shadowed by earlier ones counts as unused)."""
+    if not rules:
+        return []
+    used = {d.rule_index for d in decisions}
+    return [i for i in range(len(rules)) if i not in used]
+
+
+def explain_unused(rule: Rule, sites: list[Site], n: int = 3) -> str:
+    """Why a rule selects nothing, for warnings and strict errors: nearest names, or the roles the graph has."""
+    candidates = [s for s in sites if rule.check(s) is None]
+    if candidates:
+        return f"it matches {[s.name for s in candidates][:5]} but earlier rules took them first"
+    parts = []
+    if rule.name is not None or rule.glob is not None:
+        names = sorted({s.name for s in sites})
+        near = difflib.get_close_matches(rule.name or rule.glob, names, n=n, cutoff=0.3)
+        parts.append(f"no site name matches; nearest names: {near or names[:n]}")
+    if rule.role is not None:
+        present = sorted({r for s in sites for r in s.roles})
+        missing = [r for r in rule.role if r not in present]
+        if missing:
+            parts.append(f"the graph has no site with role {missing} (roles found: {present or 'none'})")
+    if not parts:
+        reasons = {rule.check(s) for s in sites}
+        parts.append("; ".join(sorted(r for r in reasons if r))[:300] or "there are no sites")
+    return "; ".join(parts)
 
 
 def coerce_rules(rules: Any) -> list[Rule] | None:
@@ -230,13 +366,23 @@ def coerce_rules(rules: Any) -> list[Rule] | None:
 
 
 def rule_from_dict(data: dict, where: str = "rule") -> Rule:
+    if not isinstance(data, dict):
+        raise RuleError(f"a rule must be a table/object of fields, got {type(data).__name__} {data!r}", where=where,
+                        fix="write each rule as a table of fields, e.g. {\"name\": \"q_proj\", \"r\": 8}")
     known = {f.name for f in fields(Rule)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise RuleError(f"unknown field(s) {unknown}", where=where, fix=f"fields are {sorted(known)}")
+        near = {u: difflib.get_close_matches(u, known, n=1, cutoff=0.5) for u in unknown}
+        hint = "; ".join(f"{u!r} -> {n[0]!r}?" for u, n in near.items() if n)
+        err = RuleError(f"unknown field(s) {unknown}" + (f" ({hint})" if hint else ""), where=where,
+                        fix=f"fields are {sorted(known)}")
+        err.field = unknown[0]
+        raise err
     try:
         return Rule(**data)
     except RuleError as e:
-        raise RuleError(e.what, where=f"{where}: {e.where}", fix=e.fix) from None
+        err = RuleError(e.what, where=f"{where}: {e.where}", fix=e.fix)
+        err.field = getattr(e, "field", None)
+        raise err from None
     except TypeError as e:
         raise RuleError(f"bad field value: {e}", where=where, fix="check the types of the fields") from None
