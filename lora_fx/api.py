@@ -23,7 +23,7 @@ from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
 from lora_fx.passes.trace import trace
 from lora_fx.plan import Plan
-from lora_fx.rules import Decision, LoraSettings, Rule, coerce_rules, decide
+from lora_fx.rules import Decision, LoraSettings, Rule, coerce_rules, decide, explain_unused, unused_rules
 
 
 def _defaults(r: int, alpha: float, dropout: float) -> LoraSettings:
@@ -97,13 +97,14 @@ def plan(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, exampl
 
 def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, example_inputs: tuple | None = None,
           example_kwargs: dict | None = None, frontend: str = "auto", r: int = 8, alpha: float = 16.0,
-          dropout: float = 0.0, untie: bool = False, **trace_options: Any) -> fx.GraphModule:
+          dropout: float = 0.0, untie: bool = False, strict: bool = False, **trace_options: Any) -> fx.GraphModule:
     """Trace `model` and add LoRA beside every site the rules choose (rules=None: every linear-like site).
 
     Returns a GraphModule that shares the model's weights (no copies). Base parameters are frozen
     (requires_grad=False); nothing else in the model changes. r/alpha/dropout are the defaults for rule fields
     left unset. untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
-    fold then gives the adapted use its own copy. trace_options: leaf_modules=, open_modules=, concrete_args=.
+    fold then gives the adapted use its own copy. A rule that decides no site is a warning, or a RuleError with
+    strict=True. trace_options: leaf_modules=, open_modules=, concrete_args=.
     On any error the model is left exactly as it was.
     """
     traced, rules, sites, decisions = _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend,
@@ -120,6 +121,11 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
             + (" ..." if len(candidates) > 20 else ""),
             where=", ".join(r.describe() for r in rules or []),
             fix="change the rules to name one of the candidates above (lora_fx.plan lists them with reasons)")
+    for i in unused_rules(rules, decisions):
+        message = f"rule {i} {rules[i].describe()} decides no site: {explain_unused(rules[i], sites)}"
+        if strict:
+            raise RuleError(message, where=f"rules[{i}]", fix="fix or remove the rule (lora_fx.plan lists the sites)")
+        warnings.warn(f"lora_fx: {message}", stacklevel=2)
     gm = traced.graph_module
     state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
     inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph

@@ -133,3 +133,14 @@ def test_malformed_rules(block):
 def test_unknown_frontend(block):
     model, args = block
     expect_error(lora_fx.InputError, lambda: lora_fx.adapt(model, example_inputs=args, frontend="jit"), "jit")
+
+
+def test_a_rule_that_matches_nothing_warns_or_raises_under_strict(block):
+    model, args = block
+    rules = [Rule(name="q"), Rule(name="qq_proj")]
+    with pytest.warns(UserWarning, match="rule 1 .* decides no site: .*nearest names"):
+        lora_fx.adapt(model, rules=rules, example_inputs=args)
+    before = model_state(model)
+    expect_error(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=rules, example_inputs=args, strict=True),
+                 "rules[1]", "qq_proj", "nearest names")
+    assert_unchanged(model, before)
