@@ -30,10 +30,21 @@ def __getattr__(name):
     if name in ("ort_session", "run_onnx", "check_parity", "ParityReport"):
         from lora_fx import runtime
         return getattr(runtime, name)
+    if name in ("save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport"):
+        from lora_fx import adapter_file
+        return getattr(adapter_file, name)
+    if name in ("load_peft_adapter", "save_peft_adapter"):
+        from lora_fx import peft_compat
+        return getattr(peft_compat, name)
+    if name in ("train", "prepare_mixed_precision"):
+        from lora_fx import training
+        return getattr(training, name)
     raise AttributeError(f"module 'lora_fx' has no attribute {name!r}")
 
 
 __all__ = ["adapt", "fold", "add_adapter", "set_adapter", "active_adapters", "disable_adapters", "merge_adapter",
            "unmerge_adapter", "lora_parameters", "lora_state_dict", "plan", "Rule", "Site", "Plan", "LoraLinear",
            "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
-           "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError"]
+           "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
+           "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
+           "train", "prepare_mixed_precision"]

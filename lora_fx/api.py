@@ -128,6 +128,7 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
         warnings.warn(f"lora_fx: {message}", stacklevel=2)
     gm = traced.graph_module
     state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
+    state.rules[inject_pass.DEFAULT], state.defaults[inject_pass.DEFAULT] = rules, _defaults(r, alpha, dropout)
     inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
     state.untied = {d.site.weight for d in decisions if d.adapted and d.site.weight in tied_weights(model)}
     gm.meta["lora_fx"] = state
@@ -167,6 +168,7 @@ def add_adapter(adapted: fx.GraphModule, name: str, rules: Rule | Iterable[Rule]
                            f"{[s.name for s in state.sites][:20]}", where=name,
                            fix="change the rules (lora_fx.plan lists the sites)")
     inject_pass.inject(adapted, decisions, state, adapter=name)
+    state.rules[name], state.defaults[name] = coerce_rules(rules), _defaults(r, alpha, dropout)
     return adapted
 
 

@@ -71,7 +71,10 @@ class LoraLinear(nn.Module):
         if not self.enabled:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         h = self.dropout(x).to(self.lora_A.dtype)
-        return (F.linear(F.linear(h, self.lora_A), self._full_B()) * self.scaling).to(x.dtype)
+        out = F.linear(F.linear(h, self.lora_A), self._full_B()) * self.scaling
+        # under autocast the branch stays in the autocast dtype like the base op's output, so the sum does not
+        # upcast the model's activations to fp32
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
     def _full_B(self) -> torch.Tensor:
         """B with zero rows outside the slice (out x r: as small as B itself, so cheap)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -45,6 +46,8 @@ class LoraState:
     untied: set[str] = field(default_factory=set)  # tied weights the user chose to untie at fold
     merged: list[str] = field(default_factory=list)  # adapters merged in place by merge_adapter, in order
     originals: dict[str, "torch.Tensor"] = field(default_factory=dict)  # exact W0 kept by merge_adapter
+    rules: dict[str, Any] = field(default_factory=dict)  # adapter name -> the rules it was given (None: every site)
+    defaults: dict[str, Any] = field(default_factory=dict)  # adapter name -> its LoraSettings defaults
 
     def containers(self, gm: fx.GraphModule) -> dict[str, nn.ModuleDict]:
         """{adapter name: its ModuleDict of LoraLinear} in the order the adapters were added."""
@@ -133,6 +136,7 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
                     if k in base.meta:
                         n.meta[k] = base.meta[k]
         changes.append(f"{weight}{f' ({role} rows)' if role else ''}: LoRA {adapter!r} r={s.r} alpha={s.alpha:g} at {[d.site.node for d in ds]}")
+    container.train(gm.training)  # new modules start in training mode: an eval-mode model must not drop out
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(units), changes)

@@ -1,0 +1,625 @@
+"""Adapter files: only the LoRA weights (A and B) and what is needed to rebuild them, as safetensors + JSON.
+
+    lora_fx.save_adapter(adapted, "run/adapter")             # adapter.safetensors + adapter_config.json
+    lora_fx.load_adapter(fresh_adapted, "run/adapter")       # checks every name and shape, then copies
+    adapted = lora_fx.adapt_from_adapter(model, "run/adapter", example_inputs=(x,))   # rules rebuilt from the file
+
+Tensors are keyed by the base weight's qualified name ("layers.0.q.weight.lora_A" (r, in), "... .lora_B" (out, r);
+a LoRA on row slices of a packed weight adds its rows: "h.0.attn.c_attn.weight[0:64].lora_B" (rows, r)), so a file
+depends neither on the front end that traced the model nor on lora_fx's internal module keys.
+Nothing is ever unpickled: tensors are read with safetensors, settings with json.
+
+A save is atomic: both files are written into a temporary folder beside the target, flushed to disk, and the folder
+then takes the target's place in one step (an atomic directory exchange on Linux). A save that fails or is killed
+leaves the previous adapter as it was; a failed save removes its temporary folder, and the temporary folder of a
+killed save is removed by the next save into the same parent folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob as globlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import uuid
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from lora_fx.errors import AdapterFileError, RuleError
+
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT = "lora_fx.adapter"
+FORMAT_VERSION = 1
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name: used only to recognise a PEFT folder in messages
+_CONTAINER = "lora_fx"  # the default adapter's ModuleDict (lora_fx.passes.inject.CONTAINER); others lora_fx_<name>
+DEFAULT_ADAPTER = "default"
+_TMP_TAG = "lora_fx-tmp"
+_OLD_TAG = "lora_fx-old"
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def unwrap(module: Any) -> Any:
+    """The adapted GraphModule inside DistributedDataParallel / torch.compile wrappers (or `module` itself)."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module, seen = inner, seen + 1
+    return module
+
+
+def _container_name(adapter: str) -> str:
+    return _CONTAINER if adapter == DEFAULT_ADAPTER else f"{_CONTAINER}_{adapter}"
+
+
+def lora_modules(adapted: Any, *, what: str = "load an adapter into",
+                 adapter: str = "default") -> tuple[nn.Module, nn.ModuleDict, Any]:
+    """(the GraphModule, the LoRA ModuleDict of `adapter`, its LoraState); AdapterFileError when not adapted."""
+    gm = unwrap(adapted)
+    if not isinstance(gm, nn.Module):
+        raise AdapterFileError(f"expected a module returned by lora_fx.adapt, got {type(adapted).__name__}",
+                               where="adapted", fix="call lora_fx.adapt(model, ...) first")
+    meta = getattr(gm, "meta", None)
+    state = meta.get("lora_fx") if isinstance(meta, dict) else None
+    default = getattr(gm, _CONTAINER, None)
+    if not isinstance(default, nn.ModuleDict) or state is None:
+        raise AdapterFileError(
+            f"cannot {what} this {type(gm).__name__}: it was not adapted by lora_fx (it has no LoRA modules)",
+            where=type(gm).__name__,
+            fix="pass the module that lora_fx.adapt returned, or use lora_fx.adapt_from_adapter(model, directory, "
+                "example_inputs=...) to adapt the plain model with the adapter's own settings")
+    container = getattr(gm, _container_name(adapter), None)
+    names = sorted(getattr(state, "adapters", None) or {})
+    if not isinstance(container, nn.ModuleDict) or len(container) == 0:
+        raise AdapterFileError(f"this {type(gm).__name__} has no adapter named {adapter!r}", where=type(gm).__name__,
+                               fix=f"use one of {names}" if names else "pass the module that lora_fx.adapt returned")
+    return gm, container, state
+
+
+def lora_id(lora: nn.Module) -> str:
+    """The name of one LoRA in files: its base weight's name, plus the row ranges for a slice of a packed weight
+    ("h.0.attn.c_attn.weight[0:64,128:192]": the q and v rows of GPT-2's fused qkv each get their own LoRA)."""
+    rows = tuple(getattr(lora, "rows", ()) or ())
+    if not rows:
+        return lora.weight_name
+    return f"{lora.weight_name}[{','.join(f'{a}:{b}' for a, b in rows)}]"
+
+
+def b_rows(lora: nn.Module) -> int:
+    """Rows of B: the updated rows of a slice, else out_features."""
+    rows = tuple(getattr(lora, "rows", ()) or ())
+    return sum(b - a for a, b in rows) if rows else lora.out_features
+
+
+def _roles_of_slices(state: Any) -> dict[tuple, str]:
+    """{(weight, row ranges): role} for the sliced LoRAs adapt made (from its decisions)."""
+    out = {}
+    for d in getattr(state, "decisions", None) or []:
+        for role, ranges in getattr(d, "rows", ()) or ():
+            out.setdefault((d.site.weight, tuple(tuple(r) for r in ranges)), role)
+    return out
+
+
+def sites_by_weight(state: Any) -> dict[str, Any]:
+    """{weight name: its first Site} from the match pass (module, module type, op of every candidate weight)."""
+    out = {}
+    for site in getattr(state, "sites", None) or []:
+        out.setdefault(site.weight, site)
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: Any) -> torch.dtype | None:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _version() -> str:
+    return str(getattr(sys.modules.get("lora_fx"), "__version__", "unknown"))
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "__name__", None) or str(value)
+
+
+# ------------------------------------------------------------------------------------------------ atomic folders
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where not supported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove temporary folders that a killed save into `target` left (same host, process gone).
+
+    A previous adapter moved aside by the non-Linux fallback is put back when `target` is missing."""
+    host = socket.gethostname()
+    prefix = f".{target.name}.{_TMP_TAG}-", f".{target.name}.{_OLD_TAG}-"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        tag = next((p for p in prefix if entry.name.startswith(p)), None)
+        if tag is None:
+            continue
+        parts = entry.name[len(tag):].split("-")  # host-pid-random (the host may contain '-')
+        try:
+            pid, entry_host = int(parts[-2]), "-".join(parts[:-2])
+        except (ValueError, IndexError):
+            continue
+        if entry_host != host or _pid_alive(pid):
+            continue
+        if tag == prefix[1] and not target.exists():
+            os.replace(entry, target)  # the previous adapter, moved aside by a save that was killed
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _temp_name(target: Path, tag: str) -> Path:
+    return target.parent / f".{target.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_dir(directory: str | os.PathLike, write: Callable[[Path], None], owned: Iterable[str]) -> Path:
+    """Write a folder atomically: `write(tmp)` fills a temporary folder beside `directory`, which then replaces it.
+
+    `owned` are the file names such a folder holds; an existing `directory` holding anything else is refused
+    (replacing it would delete the user's other files)."""
+    target = Path(directory).expanduser().absolute()
+    owned = set(owned)
+    if target.exists():
+        if not target.is_dir():
+            raise AdapterFileError("the adapter path exists and is not a folder", where=str(target),
+                                   fix="give a folder path (it is created) or remove the file")
+        others = sorted(p.name for p in target.iterdir() if p.name not in owned)
+        if others:
+            raise AdapterFileError(
+                f"the folder exists and holds files that are not part of an adapter: {others[:10]}"
+                + (" ..." if len(others) > 10 else ""),
+                where=str(target), fix="save the adapter into its own folder (e.g. a new subfolder); a save "
+                                       "replaces the whole folder so that it is atomic")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterFileError(f"cannot create the parent folder: {e}", where=str(target.parent),
+                               fix="check the path and its permissions") from e
+    _clean_stale(target)
+    tmp = _temp_name(target, _TMP_TAG)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # tmp now holds the previous adapter
+        else:  # no atomic exchange here: move the old folder aside, put the new one in place, drop the old one
+            old = _temp_name(target, _OLD_TAG)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (AdapterFileError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise AdapterFileError(f"saving failed, the previous content (if any) is unchanged: "
+                               f"{type(e).__name__}: {e}", where=str(target),
+                               fix="check free disk space and permissions, then save again") from e
+    return target
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def write_json(data: dict, path: Path) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterFileError(f"{path.name} is missing", where=str(path.parent), fix=_missing_fix(path.parent))
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(f"{path.name} is not UTF-8 text: {e}", where=str(path),
+                               fix="the file is corrupt: save the adapter again") from None
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path.name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                               where=str(path), fix="the file is corrupt or was edited by hand: fix the JSON or "
+                                                    "save the adapter again") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path.name} holds a JSON {type(data).__name__}, not an object", where=str(path),
+                               fix="the file is corrupt: save the adapter again")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on CPU). Truncated or corrupt files raise AdapterFileError."""
+    if not path.is_file():
+        raise AdapterFileError(f"{path.name} is missing", where=str(path.parent), fix=_missing_fix(path.parent))
+    try:
+        return dict(safetensors.torch.load_file(str(path), device="cpu"))
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError, unsupported dtype
+        raise AdapterFileError(f"{path.name} is truncated or corrupt: {type(e).__name__}: {e}", where=str(path),
+                               fix="the file was cut short or damaged (an interrupted copy?): copy or save it again"
+                               ) from None
+
+
+def _missing_fix(directory: Path) -> str:
+    if (directory / PEFT_WEIGHTS_FILE).is_file():
+        return "this folder holds a PEFT adapter: load it with lora_fx.load_peft_adapter(model, directory, ...)"
+    if not directory.exists():
+        return "the folder does not exist: check the path"
+    return "give the folder that lora_fx.save_adapter wrote"
+
+
+# ------------------------------------------------------------------------------------------------ checking and copying
+@dataclass
+class LoadReport:
+    """What load_adapter did: the weights whose LoRA was loaded, and (strict=False) what it skipped."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # adapted in the model, absent from the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not adapted in the model
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(int(s) for s in t.shape)
+
+
+def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dict[str, torch.Tensor], *,
+                   source: str, strict: bool = True, settings: dict[str, dict] | None = None,
+                   key_of: Callable[[str, str], str] = lambda weight, part: f"{weight}.{part}") -> LoadReport:
+    """Check `tensors` against the adapted model's LoRA modules, then copy them. Nothing is copied unless all fit.
+
+    `key_of(lora id, "lora_A"|"lora_B")` names a LoRA's tensors in `tensors` (lora_id: the weight's name, with row
+    ranges for a slice); `settings` (lora id -> r/alpha/scaling as saved) is checked against the model's LoRAs."""
+    by_weight = {lora_id(lora): lora for lora in container.values()}
+    expected_keys = {key_of(w, part): (w, part) for w in by_weight for part in ("lora_A", "lora_B")}
+    problems: list[str] = []
+    present = [w for w in by_weight if any(key_of(w, p) in tensors for p in ("lora_A", "lora_B"))]
+    missing = [w for w in by_weight if w not in present]
+    unexpected_keys = sorted(k for k in tensors if k not in expected_keys)
+    half = [key_of(w, p) for w in present for p in ("lora_A", "lora_B") if key_of(w, p) not in tensors]
+    if half:
+        problems.append(f"the file has only one of lora_A/lora_B for some weights; missing tensors: {half}")
+    if strict and missing:
+        problems.append(f"missing weights (adapted in the model, not in the file): {missing}")
+    if strict and unexpected_keys:
+        problems.append(f"extra weights (in the file, not adapted in the model): {unexpected_keys}")
+
+    copies = []
+    for w in present:
+        lora = by_weight[w]
+        expected = {"lora_A": (lora.r, lora.in_features), "lora_B": (b_rows(lora), lora.r)}
+        meaning = {"lora_A": "(r, in)", "lora_B": "(rows, r)" if getattr(lora, "rows", ()) else "(out, r)"}
+        for part in ("lora_A", "lora_B"):
+            key = key_of(w, part)
+            t = tensors.get(key)
+            if t is None:
+                continue
+            if not t.dtype.is_floating_point:
+                problems.append(f"{key}: dtype {dtype_name(t.dtype)} is not a floating-point type")
+                continue
+            if _shape(t) != expected[part]:
+                problems.append(f"{key}: shape {meaning[part]} expected {expected[part]}, found {_shape(t)}")
+                continue
+            if not torch.isfinite(t).all():
+                problems.append(f"{key}: holds NaN or Inf")
+                continue
+            copies.append((getattr(lora, part), t))
+        saved = (settings or {}).get(w)
+        if saved:
+            for name, mine in (("r", lora.r), ("alpha", lora.alpha), ("scaling", lora.scaling_kind)):
+                if name in saved and saved[name] != mine and not (
+                        isinstance(mine, float) and isinstance(saved[name], (int, float))
+                        and math.isclose(saved[name], mine, rel_tol=1e-6)):
+                    problems.append(f"{w}: {name}={saved[name]!r} in the file, {name}={mine!r} in the adapted model")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise AdapterFileError(
+            f"the adapter does not fit this {type(adapted_gm).__name__}; nothing was loaded:\n  - "
+            + "\n  - ".join(shown), where=source,
+            fix="adapt the same model with the same rules as when the adapter was saved (lora_fx.adapt_from_adapter "
+                "does this from the file), or pass strict=False to load only the weights both have")
+    with torch.no_grad():
+        for param, t in copies:
+            param.copy_(t.to(device=param.device, dtype=param.dtype))
+    return LoadReport(loaded=present, missing=missing, unexpected=unexpected_keys)
+
+
+# ------------------------------------------------------------------------------------------------ public calls
+def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
+    sites = sites_by_weight(state)
+    inits = {}
+    for d in getattr(state, "decisions", []) or []:
+        if d.adapted:
+            inits.setdefault(d.site.weight, d.settings.init)
+    roles = _roles_of_slices(state)
+    out = {}
+    for key, lora in container.items():
+        site = sites.get(lora.weight_name)
+        dropout = lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0
+        rows = [list(r) for r in (getattr(lora, "rows", ()) or ())]
+        out[lora_id(lora)] = {
+            "key": key,
+            "weight": lora.weight_name,
+            "rows": rows,
+            "role": roles.get((lora.weight_name, tuple(tuple(r) for r in rows))) if rows else None,
+            "module": site.module if site else lora.weight_name.rpartition(".")[0],
+            "module_type": site.module_type if site else None,
+            "op": site.op if site else None,
+            "r": lora.r, "alpha": lora.alpha, "scaling": lora.scaling_kind, "dropout": float(dropout),
+            "init": inits.get(lora.weight_name),
+            "layout": lora.weight_layout, "in_features": lora.in_features, "out_features": lora.out_features,
+            "dtype": dtype_name(lora.lora_A.dtype),
+        }
+    return out
+
+
+def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: str = DEFAULT_ADAPTER) -> Path:
+    """Write `directory`/adapter.safetensors (every A and B, keyed "<base weight>.lora_A"/".lora_B") and
+    `directory`/adapter_config.json (per-weight r/alpha/scaling/layout/shape/dtype, the rules, the defaults).
+
+    Atomic: the previous adapter in `directory`, if any, is replaced in one step or not at all. Accepts the adapted
+    module itself or a DDP / torch.compile wrapper of it. Under torch.distributed call it on one rank only.
+    adapter: which named adapter to save (lora_fx.add_adapter). Returns the folder's path."""
+    gm, container, state = lora_modules(adapted, what="save an adapter from", adapter=adapter)
+    weights = _weight_settings(container, state)
+    tensors = {}
+    for lora in container.values():
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{lora_id(lora)}.{part}"] = getattr(lora, part).detach().to("cpu").contiguous().clone()
+    rules, defaults = getattr(state, "rules", None), getattr(state, "defaults", None)
+    # per adapter ({name: rules}) where the state keeps them so; a plain value belongs to the default adapter
+    rules = rules.get(adapter) if isinstance(rules, dict) else (rules if adapter == DEFAULT_ADAPTER else None)
+    defaults = defaults.get(adapter) if isinstance(defaults, dict) else (
+        defaults if adapter == DEFAULT_ADAPTER else None)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_fx_version": _version(),
+        "model": type(gm).__name__,
+        "frontend": getattr(state, "frontend", None),
+        "adapter": adapter,
+        "weights": weights,
+        "rules": None if rules is None else [r.to_dict() for r in rules],
+        "defaults": None if defaults is None else _jsonable(defaults),
+        "parameters": sum(t.numel() for t in tensors.values()),
+    }
+    metadata = {"format": "pt", "lora_fx_format": FORMAT, "lora_fx_format_version": str(FORMAT_VERSION)}
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata)
+        write_json(_jsonable(config), tmp / CONFIG_FILE)
+
+    return atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a lora_fx adapter folder, checked for consistency with each other (not with a model)."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise AdapterFileError("the adapter folder does not exist" if not path.exists() else
+                               "the adapter path is not a folder", where=str(path), fix=_missing_fix(path))
+    config = read_json(path / CONFIG_FILE)
+    where = str(path / CONFIG_FILE)
+    if config.get("format") != FORMAT:
+        peft = "peft_type" in config
+        raise AdapterFileError(f"{CONFIG_FILE} is not a lora_fx adapter config (format={config.get('format')!r})",
+                               where=where, fix="load it with lora_fx.load_peft_adapter(model, directory, ...)" if peft
+                               else "give the folder that lora_fx.save_adapter wrote")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterFileError(f"adapter format version {version!r} is not supported (this lora_fx reads up to "
+                               f"{FORMAT_VERSION})", where=where, fix="upgrade lora_fx to read this adapter")
+    weights = config.get("weights")
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, dict) for v in weights.values()):
+        raise AdapterFileError("the config lists no weights (\"weights\" must be a non-empty object)", where=where,
+                               fix="the file is corrupt: save the adapter again")
+    problems = []
+    for w, s in weights.items():
+        for key, kind in (("r", int), ("in_features", int), ("out_features", int), ("alpha", (int, float))):
+            if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool) or s.get(key) <= 0:
+                problems.append(f"{w}: {key}={s.get(key)!r} is not a positive number")
+        if s.get("scaling", "standard") not in ("standard", "rslora"):
+            problems.append(f"{w}: unknown scaling {s.get('scaling')!r}")
+        if "dtype" in s and (dtype_from_name(s["dtype"]) is None or not dtype_from_name(s["dtype"]).is_floating_point):
+            problems.append(f"{w}: dtype {s['dtype']!r} is not a floating-point torch dtype")
+        rows = s.get("rows") or []
+        if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in r) and 0 <= r[0] < r[1] for r in rows)):
+            problems.append(f"{w}: rows={rows!r} is not a list of [start, end] row ranges")
+    if problems:
+        raise AdapterFileError("the config is malformed:\n  - " + "\n  - ".join(problems[:20]), where=where,
+                               fix="the file is corrupt or was edited by hand: save the adapter again")
+
+    tensors = read_safetensors(path / WEIGHTS_FILE)
+    listed = {f"{w}.{p}" for w in weights for p in ("lora_A", "lora_B")}
+    problems = []
+    if set(tensors) - listed:
+        problems.append(f"tensors not listed in {CONFIG_FILE}: {sorted(set(tensors) - listed)}")
+    if listed - set(tensors):
+        problems.append(f"tensors listed in {CONFIG_FILE} but missing from {WEIGHTS_FILE}: "
+                        f"{sorted(listed - set(tensors))}")
+    for w, s in weights.items():
+        n_rows = sum(b - a for a, b in s.get("rows") or []) or s["out_features"]
+        want = {"lora_A": (s["r"], s["in_features"]), "lora_B": (n_rows, s["r"])}
+        for part in ("lora_A", "lora_B"):
+            t = tensors.get(f"{w}.{part}")
+            if t is None:
+                continue
+            if _shape(t) != want[part]:
+                problems.append(f"{w}.{part}: the config says shape {want[part]}, the tensor has {_shape(t)}")
+            if "dtype" in s and dtype_name(t.dtype) != s["dtype"]:
+                problems.append(f"{w}.{part}: dtype {dtype_name(t.dtype)} in {WEIGHTS_FILE}, {s['dtype']} in "
+                                f"{CONFIG_FILE}")
+    if problems:
+        raise AdapterFileError(f"{WEIGHTS_FILE} and {CONFIG_FILE} do not agree:\n  - " + "\n  - ".join(problems[:20]),
+                               where=str(path), fix="the two files come from different saves or were edited: "
+                                                    "save the adapter again")
+    return config, tensors
+
+
+def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bool = True,
+                 adapter: str = DEFAULT_ADAPTER) -> LoadReport:
+    """Load a saved adapter into an adapted module (or a DDP / torch.compile wrapper of it).
+
+    Every name, shape, dtype and setting is checked against the adapted graph before anything is copied; an
+    AdapterFileError lists everything that does not fit. strict=False loads the weights both have and reports the
+    rest in the returned LoadReport (shapes and settings must still fit). Tensors are cast to the LoRA's dtype.
+    adapter: which named adapter of `adapted` receives the weights."""
+    gm, container, state = lora_modules(adapted, adapter=adapter)
+    if adapter in (getattr(state, "merged", None) or []):
+        raise AdapterFileError(f"adapter {adapter!r} is merged into the base weights: loading new A/B now would "
+                               f"leave the merged W0 stale", where=str(directory),
+                               fix="call lora_fx.unmerge_adapter(adapted) first, then load")
+    config, tensors = read_adapter(directory)
+    return check_and_copy(gm, container, tensors, source=str(Path(directory)), strict=strict,
+                          settings=config["weights"])
+
+
+def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
+    """Rules that select exactly the saved weights (their whole qualified names), each with its saved settings.
+
+    Slices of a packed weight (rows) come back through their roles: one rule per weight, role=(the saved roles)."""
+    from lora_fx.rules import Rule
+
+    by_weight: dict[str, list[tuple[str, dict]]] = {}
+    for lid, s in weights.items():
+        by_weight.setdefault(s.get("weight") or lid, []).append((lid, s))
+    rules = []
+    for w, entries in by_weight.items():
+        settings = {(s["r"], float(s["alpha"]), s.get("scaling") or "standard", float(s.get("dropout") or 0.0))
+                    for _, s in entries}
+        sliced = [lid for lid, s in entries if s.get("rows")]
+        if len(entries) > 1 and (len(sliced) != len(entries) or len(settings) > 1):
+            raise AdapterFileError(f"the LoRAs on {w!r} ({[lid for lid, _ in entries]}) cannot be rebuilt by rules: "
+                                   f"slices of one weight must share r/alpha/scaling/dropout", where=where,
+                                   fix="adapt the model with your own rules, then lora_fx.load_adapter")
+        roles = [s.get("role") for _, s in entries if s.get("rows")]
+        if sliced and not all(roles):
+            raise AdapterFileError(f"the row slices of {w!r} have no recorded role, so they cannot be rebuilt",
+                                   where=where, fix="adapt the model with rules that give the same slices (role=...), "
+                                                    "then lora_fx.load_adapter")
+        ((r, alpha, scaling, dropout),) = settings
+        kwargs = {"r": r, "alpha": alpha, "scaling": scaling}
+        if dropout:
+            kwargs["dropout"] = dropout
+        if roles:
+            kwargs["role"] = tuple(roles)
+        # glob= matches the whole name (no dotted-suffix matching as name= does), so "layers.0.q.weight" cannot
+        # also select "encoder.layers.0.q.weight".
+        rules.append(Rule(glob=globlib.escape(w), **kwargs))
+    return rules
+
+
+def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, example_inputs: tuple | None = None,
+                       example_kwargs: dict | None = None, frontend: str | None = None, strict: bool = True,
+                       **trace_options: Any):
+    """Adapt `model` exactly as the saved adapter says (the same weights, r, alpha, scaling, dropout) and load it.
+
+    frontend=None uses the front end the adapter was saved from. Returns the adapted GraphModule."""
+    from lora_fx.api import adapt
+
+    config, tensors = read_adapter(directory)
+    weights = config["weights"]
+    frontend = frontend or config.get("frontend") or "auto"
+    try:
+        adapted = adapt(model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
+                        example_kwargs=example_kwargs, frontend=frontend, **trace_options)
+    except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
+        raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
+                               where=f"{directory}" + (f" ({e.where})" if e.where else ""),
+                               fix="use the model (same architecture and widths) the adapter was trained on") from e
+    gm, container, _ = lora_modules(adapted)
+    container.train(gm.training)  # new LoRA modules start in training mode: follow the model's eval/train mode
+    found = {lora_id(lora) for lora in container.values()}
+    not_found = [w for w in weights if w not in found]
+    if strict and not_found:
+        raise AdapterFileError(f"the model has no linear-like site (or role slice) for these adapter weights: "
+                               f"{not_found}",
+                               where=str(directory),
+                               fix="use the model the adapter was trained on, or strict=False to skip them")
+    check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights)
+    return adapted

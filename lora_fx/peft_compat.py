@@ -1,0 +1,323 @@
+"""HF PEFT LoRA adapters, both ways, without importing peft.
+
+    adapted = lora_fx.load_peft_adapter(model, "peft_dir", example_inputs=(ids,),
+                                        example_kwargs={"use_cache": False}, frontend="export")
+    merged = lora_fx.fold(adapted)                     # equals PeftModel.merge_and_unload()'s weights
+    lora_fx.save_peft_adapter(adapted, "out_dir")      # PeftModel.from_pretrained(model, "out_dir") loads it
+
+PEFT's folder: `adapter_config.json` (peft_type "LORA", r, lora_alpha, use_rslora, rank_pattern, alpha_pattern,
+target_modules, fan_in_fan_out, ...) and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); delta W = s · B @ A,
+transposed for GPT-2's Conv1D (fan_in_fan_out), s = alpha / r or alpha / sqrt(r) (use_rslora).
+
+The LoRA modules come from the tensor names (PEFT saves exactly the modules it adapted), their r from the tensor
+shapes checked against r / rank_pattern, their alpha from lora_alpha / alpha_pattern with PEFT's own matching
+(first key k with re.match(rf"(.*\\.)?({k})$", module name)). Variants that change the math or the base weights
+(DoRA, biases, modules_to_save, PiSSA-style inits, ...) are refused with AdapterFileError, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, lora_modules, read_json,
+                                  read_safetensors, sites_by_weight, write_json, write_safetensors)
+from lora_fx.errors import AdapterFileError, RuleError
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# Module classes PEFT's LoRA handles as a plain low-rank update of a 2-D weight.
+PEFT_LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
+
+# Config fields whose non-empty value means something lora_fx cannot reproduce (a different layer or extra weights).
+_UNSUPPORTED = {
+    "use_dora": "DoRA (a learned magnitude vector per output)",
+    "lora_bias": "a trained bias on lora_B",
+    "use_qalora": "QA-LoRA",
+    "layer_replication": "layer replication",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "megatron_config": "Megatron parallel layers",
+}
+# init_lora_weights values that change the base weights when the adapter is created: the adapter only makes sense
+# with that modified base (PEFT converts such adapters to plain LoRA with path_initial_model_for_weight_conversion).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga", "orthogonal")
+
+
+def _peft_pattern_key(patterns: dict, name: str) -> str | None:
+    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), else None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str, Any]]]:
+    """(config, {module path: {"lora_A": tensor, "lora_B": tensor, "r": int, "alpha": float, "scaling": str,
+    "dropout": float}}) of a PEFT LoRA folder; refuses what lora_fx cannot reproduce exactly."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise AdapterFileError("the PEFT adapter folder does not exist" if not path.exists() else
+                               "the PEFT adapter path is not a folder", where=str(path),
+                               fix="give the folder PeftModel.save_pretrained wrote (it holds adapter_config.json)")
+    config = read_json(path / PEFT_CONFIG)
+    where = str(path / PEFT_CONFIG)
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"not a PEFT LoRA adapter: peft_type={config.get('peft_type')!r}", where=where,
+                               fix="lora_fx reads PEFT adapters of type LORA only"
+                               + ("; this is a lora_fx adapter: use lora_fx.load_adapter / adapt_from_adapter"
+                                  if config.get("format") == "lora_fx.adapter" else ""))
+    refused = [f"{k}={config[k]!r} ({why})" for k, why in _UNSUPPORTED.items() if config.get(k)]
+    if config.get("bias", "none") not in ("none", None):
+        refused.append(f"bias={config['bias']!r} (trained biases)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        refused.append(f"init_lora_weights={init!r} (this init changes the base weights; the adapter does not apply "
+                       f"to the original model)")
+    if refused:
+        raise AdapterFileError("the PEFT adapter uses features lora_fx does not support: " + "; ".join(refused),
+                               where=where, fix="train a plain LoRA adapter (use_dora=False, bias='none', no "
+                                                "modules_to_save), or merge it with PEFT's merge_and_unload")
+    if not (path / PEFT_WEIGHTS).is_file():
+        fix = ("this adapter is saved as a pickle (adapter_model.bin), which lora_fx never loads: re-save it with "
+               "PeftModel.save_pretrained(dir, safe_serialization=True)") if (path / PEFT_WEIGHTS_BIN).exists() else \
+            "give the folder PeftModel.save_pretrained wrote"
+        raise AdapterFileError(f"{PEFT_WEIGHTS} is missing", where=str(path), fix=fix)
+    tensors = read_safetensors(path / PEFT_WEIGHTS)
+
+    modules: dict[str, dict[str, Any]] = {}
+    odd, adapters = [], set()
+    for key, t in tensors.items():
+        m = KEY.match(key)
+        if m is None:
+            odd.append(key)
+            continue
+        adapters.add(m.group("adapter"))
+        modules.setdefault(m.group("module"), {})[m.group("part")] = t
+    if odd:
+        raise AdapterFileError(f"the PEFT adapter holds tensors that are not plain LoRA A/B weights: {sorted(odd)[:10]}"
+                               + (" ..." if len(odd) > 10 else ""), where=str(path / PEFT_WEIGHTS),
+                               fix="lora_fx loads plain LoRA on linear layers (no embedding LoRA, DoRA magnitudes, "
+                                   "biases or modules_to_save)")
+    if len(adapters) > 1:
+        raise AdapterFileError(f"the file mixes several adapters: {sorted(map(str, adapters))}", where=str(path),
+                               fix="save each adapter into its own folder with PeftModel.save_pretrained")
+    if not modules:
+        raise AdapterFileError("the PEFT adapter holds no LoRA weights", where=str(path / PEFT_WEIGHTS),
+                               fix="save the adapter again with PeftModel.save_pretrained")
+
+    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    scaling = "rslora" if config.get("use_rslora") else "standard"
+    dropout = float(config.get("lora_dropout") or 0.0)
+    problems = []
+    for module, parts in sorted(modules.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            problems.append(f"{module}: only {sorted(parts)} present")
+            continue
+        a, b = parts["lora_A"], parts["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not (r, in) and "
+                            f"(out, r) of one r")
+            continue
+        rk = _peft_pattern_key(rank_pattern, module)
+        r = rank_pattern[rk] if rk is not None else r0
+        ak = _peft_pattern_key(alpha_pattern, module)
+        alpha = alpha_pattern[ak] if ak is not None else alpha0
+        if r != a.shape[0]:
+            problems.append(f"{module}: the config gives r={r} but lora_A has {a.shape[0]} rows")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            problems.append(f"{module}: lora_alpha={alpha!r} is not a positive number")
+        parts.update(r=int(a.shape[0]), alpha=float(alpha) if isinstance(alpha, (int, float)) else alpha,
+                     scaling=scaling, dropout=dropout)
+    if problems:
+        raise AdapterFileError("the PEFT adapter is inconsistent:\n  - " + "\n  - ".join(problems[:20]),
+                               where=str(path), fix="the files come from different saves or were edited: save the "
+                                                    "adapter again with PeftModel.save_pretrained")
+    return config, modules
+
+
+def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_inputs: tuple | None = None,
+                      example_kwargs: dict | None = None, frontend: str = "auto", **trace_options: Any):
+    """Adapt `model` with the LoRA of a PEFT adapter folder (the modules, r, alpha and rsLoRA scaling it has) and
+    load its weights. Returns the adapted GraphModule; lora_fx.fold(adapted) gives PEFT's merged weights.
+
+    transformers models need frontend="export" (decoders with example_kwargs={"use_cache": False})."""
+    from lora_fx.api import adapt
+    from lora_fx.rules import Rule
+
+    config, modules = read_peft_adapter(peft_dir)
+    rules = []
+    for module, s in modules.items():
+        kwargs = {"r": s["r"], "alpha": s["alpha"], "scaling": s["scaling"]}
+        if s["dropout"] > 0:
+            kwargs["dropout"] = s["dropout"]
+        rules.append(Rule(glob=globlib.escape(module), **kwargs))  # the whole module name, nothing else
+    try:
+        adapted = adapt(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                        frontend=frontend, **trace_options)
+    except RuleError as e:
+        raise AdapterFileError(f"the PEFT adapter does not fit this {type(model).__name__}: {e.what}",
+                               where=str(peft_dir) + (f" ({e.where})" if e.where else ""),
+                               fix="load it onto the model it was trained on "
+                                   f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
+                               ) from e
+    gm, container, state = lora_modules(adapted)
+    container.train(gm.training)  # new LoRA modules start in training mode: follow the model's eval/train mode
+    module_of = {w: site.module for w, site in sites_by_weight(state).items()}
+    by_module: dict[str, list[str]] = {}
+    for lora in container.values():
+        by_module.setdefault(module_of.get(lora.weight_name, ""), []).append(lora.weight_name)
+    not_found = sorted(m for m in modules if m not in by_module)
+    several = {m: ws for m, ws in by_module.items() if len(ws) > 1}
+    if not_found or several:
+        raise AdapterFileError(
+            "the PEFT adapter does not fit this model's graph: "
+            + (f"no linear-like site for modules {not_found}" if not_found else "")
+            + ("; " if not_found and several else "")
+            + (f"modules with several LoRA weights (PEFT adapts one weight per module): {several}" if several else ""),
+            where=str(peft_dir),
+            fix="load it onto the model it was trained on; transformers models need frontend='export'")
+    tensors = {f"{m}.{p}": s[p] for m, s in modules.items() for p in ("lora_A", "lora_B")}
+    check_and_copy(gm, container, tensors, source=str(peft_dir), strict=True,
+                   key_of=lambda weight, part: f"{module_of[weight]}.{part}")
+    return adapted
+
+
+def _anchored(name: str) -> str:
+    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): a leading "^" stops the prefix, so the key
+    # selects exactly this module.
+    return "^" + re.escape(name)
+
+
+@dataclass
+class _PeftEntry:
+    module: str
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    r: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    layout: str
+
+
+def _combine_slices(module: str, loras: list) -> _PeftEntry:
+    """Row-sliced LoRAs of one packed weight (q and v of GPT-2's c_attn) as ONE whole-weight LoRA of rank sum(r):
+    A = [A_q; A_v], B = [[s_q·B_q, 0], [0, s_v·B_v]] placed at their rows, scale 1 (alpha = r). delta W is the same
+    (each slice's scale is folded into its B, so the result differs from lora_fx's only by fp32 rounding)."""
+    out = loras[0].out_features
+    r_total = sum(l.r for l in loras)
+    A = torch.cat([l.lora_A.detach().float().cpu() for l in loras], 0)
+    B = torch.zeros(out, r_total)
+    col = 0
+    for l in loras:
+        rows = torch.tensor([i for a, b in l.rows for i in range(a, b)], dtype=torch.long)
+        B[rows, col:col + l.r] = l.lora_B.detach().float().cpu() * l.scaling
+        col += l.r
+    dropouts = {l.dropout.p if isinstance(l.dropout, nn.Dropout) else 0.0 for l in loras}
+    return _PeftEntry(module, A.to(loras[0].lora_A.dtype), B.to(loras[0].lora_B.dtype), r_total, float(r_total),
+                      False, max(dropouts), loras[0].weight_layout)
+
+
+def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None, adapter: str = DEFAULT_ADAPTER) -> Path:
+    """Write a folder that PEFT loads with PeftModel.from_pretrained(base_model, directory).
+
+    Only LoRA on nn.Linear / GPT-2 Conv1D modules can be written; other sites (F.linear or matmul on a bare parameter)
+    have no PEFT equivalent and are refused. Row slices of a packed weight (LoRA on q and v of a fused qkv) are
+    written as one LoRA of rank sum(r) with the same delta W. rsLoRA weights mixed with standard ones are written
+    with an equivalent alpha (alpha·sqrt(r)). The write is atomic like save_adapter's.
+    adapter: which named adapter to write (lora_fx.add_adapter); PEFT loads it as its "default"."""
+    gm, container, state = lora_modules(adapted, what="save a PEFT adapter from", adapter=adapter)
+    sites = sites_by_weight(state)
+    by_module: dict[str, list] = {}
+    problems = []
+    for lora in container.values():
+        site = sites.get(lora.weight_name)
+        module = site.module if site else lora.weight_name.rpartition(".")[0]
+        module_type = site.module_type if site else "?"
+        if module_type not in PEFT_LINEAR_TYPES or lora.weight_name != f"{module}.weight":
+            problems.append(f"{lora.weight_name} (a {site.op if site else '?'} site on a {module_type})")
+            continue
+        by_module.setdefault(module, []).append(lora)
+    if problems:
+        raise AdapterFileError("PEFT can only hold LoRA on nn.Linear and Conv1D modules; these LoRA weights have no "
+                               f"PEFT equivalent: {problems}", where=type(gm).__name__,
+                               fix="save with lora_fx.save_adapter instead, or adapt only Linear/Conv1D modules")
+    entries = []
+    for module, loras in by_module.items():
+        if len(loras) == 1 and not getattr(loras[0], "rows", ()):
+            l = loras[0]
+            entries.append(_PeftEntry(module, l.lora_A.detach(), l.lora_B.detach(), l.r, l.alpha,
+                                      l.scaling_kind == "rslora",
+                                      l.dropout.p if isinstance(l.dropout, nn.Dropout) else 0.0, l.weight_layout))
+        elif all(getattr(l, "rows", ()) for l in loras):
+            entries.append(_combine_slices(module, loras))
+        else:
+            raise AdapterFileError(f"{module} has a whole-weight LoRA and row slices at once", where=module,
+                                   fix="save with lora_fx.save_adapter instead")
+
+    all_rslora = all(e.rslora for e in entries)
+
+    def alpha_of(e: _PeftEntry) -> float | int:
+        # one use_rslora flag for the whole file: write rsLoRA weights among standard ones as standard with an alpha
+        # giving the same scale (alpha·sqrt(r) / r == alpha / sqrt(r))
+        a = e.alpha if all_rslora or not e.rslora else e.alpha * math.sqrt(e.r)
+        return int(a) if float(a).is_integer() else float(a)
+
+    pairs = Counter((e.r, alpha_of(e)) for e in entries)
+    (r0, alpha0), _ = max(pairs.items(), key=lambda kv: kv[1])
+    rank_pattern = {_anchored(e.module): e.r for e in entries if e.r != r0}
+    alpha_pattern = {_anchored(e.module): alpha_of(e) for e in entries if alpha_of(e) != alpha0}
+    layouts = {e.layout for e in entries}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": all_rslora,
+        # re.fullmatch on the module name: exactly these modules
+        "target_modules": "|".join(f"(?:{re.escape(e.module)})" for e in sorted(entries, key=lambda e: e.module)),
+        "exclude_modules": None,
+        "fan_in_fan_out": layouts == {"in_out"},  # PEFT corrects it per module (Conv1D in_out, Linear out_in)
+        "lora_dropout": max(e.dropout for e in entries),  # PEFT has one dropout; only matters for training
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    tensors = {}
+    for e in entries:
+        tensors[f"{PREFIX}{e.module}.lora_A.weight"] = e.A.to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{e.module}.lora_B.weight"] = e.B.to("cpu").contiguous().clone()
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"})
+        write_json(config, tmp / PEFT_CONFIG)
+
+    return atomic_write_dir(directory, write, owned=(PEFT_WEIGHTS, PEFT_CONFIG, "README.md"))

@@ -1,0 +1,250 @@
+"""PEFT compatibility both ways, on tiny random transformers models (no download).
+
+Tolerances, and why:
+* adapted vs PEFT (unmerged): lora_fx's branch computes scale · B(A(x)) with the same fp32 ops as PEFT's lora.Linear
+  and adds it to the same base op's output: bitwise equal on this CPU (max |diff| = 0.0 measured). ATOL = 1e-5 only
+  leaves room for a BLAS that picks another kernel (fp32 rounding, ~1e-7 relative, over widths <= 128).
+* folded vs merge_and_unload: lora_fx's fold sums W0 + scale · B @ A in fp64 and rounds once; PEFT rounds B @ A, the
+  scaling and the sum in fp32. The weights differ by at most a couple of ulps (<= 1e-6 measured, checked against
+  ATOL), which two layers carry to the logits as ~3e-6 (measured): ATOL_MERGED = 5e-5.
+* Every LoRA delta here moves the logits by more than MIN_DELTA = 0.1, so a wrong scale, transpose, rank or module
+  fails by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+import lora_fx  # noqa: E402
+from lora_fx.errors import AdapterFileError  # noqa: E402
+from lora_fx.peft_compat import load_peft_adapter, save_peft_adapter  # noqa: E402
+
+ATOL = 1e-5
+ATOL_MERGED = 5e-5
+MIN_DELTA = 0.1
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+
+
+def gpt2(width: int = 32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=width, n_head=2, vocab_size=100, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0)).eval()
+
+
+MODELS = {"gpt2": gpt2, "llama": llama}
+IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(3))
+KW = {"use_cache": False}
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS, **KW).logits
+
+
+def export_adapt_kwargs() -> dict:
+    return dict(example_inputs=(IDS,), example_kwargs=KW, frontend="export")
+
+
+def randomize_peft(peft_model, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def peft_saved(tmp_path, make, config: LoraConfig):
+    base = make()
+    pristine = copy.deepcopy(base)  # get_peft_model changes `base` in place
+    pm = get_peft_model(base, config).eval()  # PEFT's new lora_dropout modules start in training mode
+    randomize_peft(pm)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    return pm, pristine
+
+
+PEFT_CONFIGS = {
+    # GPT-2: Conv1D weights stored (in, out) -> fan_in_fan_out; per-module rank and alpha
+    "gpt2": LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                       rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"mlp.c_proj": 3}),
+    # Llama: nn.Linear; rsLoRA scaling alpha/sqrt(r), a rank pattern, dropout (off in eval)
+    "llama": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                        rank_pattern={"layers.0.self_attn.q_proj": 2}, lora_dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_load_peft_adapter_matches_peft_and_merge_and_unload(tmp_path, name):
+    pm, pristine = peft_saved(tmp_path, MODELS[name], PEFT_CONFIGS[name])
+    base_out = logits(pristine)
+    adapted = load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+
+    loras = {l.weight_name: l for l in adapted.lora_fx.values()}
+    if name == "gpt2":
+        assert len(loras) == 6
+        l = loras["transformer.h.1.attn.c_attn.weight"]
+        assert (l.r, l.alpha, l.weight_layout) == (2, 8.0, "in_out")
+        assert (loras["transformer.h.0.mlp.c_proj.weight"].r, loras["transformer.h.0.mlp.c_proj.weight"].alpha) == (4, 3.0)
+    else:
+        assert len(loras) == 6
+        l = loras["model.layers.0.self_attn.q_proj.weight"]
+        assert (l.r, l.scaling_kind, l.scaling) == (2, "rslora", pytest.approx(8 / 2 ** 0.5))
+
+    peft_out, ours = logits(pm), logits(adapted)
+    assert (peft_out - base_out).abs().max() > MIN_DELTA  # the adapter really changes the output
+    diff = (ours - peft_out).abs().max().item()
+    assert diff <= ATOL, f"lora_fx vs PEFT: max |diff| {diff}"
+
+    folded = lora_fx.fold(adapted)
+    merged = pm.merge_and_unload()
+    diff = (logits(folded) - logits(merged)).abs().max().item()
+    assert diff <= ATOL_MERGED, f"fold vs merge_and_unload: max |diff| {diff}"
+    merged_sd, folded_sd = merged.state_dict(), folded.state_dict()
+    for w in loras:
+        assert torch.allclose(folded_sd[w], merged_sd[w], rtol=0, atol=ATOL), w
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_save_peft_adapter_loads_in_peft_with_same_outputs(tmp_path, name):
+    model = MODELS[name]()
+    pristine = copy.deepcopy(model)
+    rules = {
+        # layer 0: LoRA on the q and v rows of the fused c_attn only (loralib's MergedLinear), rsLoRA
+        "gpt2": [lora_fx.Rule(name="h.0.attn.c_attn", role=["attn.q", "attn.v"], r=2, alpha=4, scaling="rslora"),
+                 lora_fx.Rule(name="c_attn|c_proj", r=4, alpha=8)],
+        "llama": [lora_fx.Rule(name="q_proj", r=4, alpha=16, scaling="rslora"),
+                  lora_fx.Rule(name="layers.1.mlp.down_proj", r=2, alpha=8, scaling="rslora")],
+    }[name]
+    adapted = lora_fx.adapt(model, rules, **export_adapt_kwargs())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=g) * 0.5)
+    directory = save_peft_adapter(adapted, tmp_path / "peft", base_model_name_or_path="tiny-random")
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-random"
+    if name == "gpt2":
+        assert sorted(l.rows for l in adapted.lora_fx.values() if l.rows) == [((0, 32),), ((64, 96),)]
+        # the q and v slices become one rank-4 LoRA on c_attn whose B is zero on the k rows, with scale 1
+        assert config["use_rslora"] is False and config["fan_in_fan_out"] is True
+        assert config["r"] == 4 and config["lora_alpha"] == 8 and config["alpha_pattern"] == {
+            r"^transformer\.h\.0\.attn\.c_attn": 4}
+        from safetensors.torch import load_file
+        b = load_file(str(directory / "adapter_model.safetensors"))[
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+        assert b.shape == (96, 4) and not b[32:64].any() and b[:32, :2].any() and not b[:32, 2:].any()
+    else:  # all rsLoRA
+        assert config["use_rslora"] is True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(pristine, str(directory))
+    n_peft = sum(1 for n, _ in pm.named_parameters() if n.endswith("lora_A.default.weight"))
+    assert n_peft == len({l.weight_name for l in adapted.lora_fx.values()})  # one PEFT LoRA per module
+    ours, peft_out = logits(adapted), logits(pm)
+    with pm.disable_adapter():
+        assert (peft_out - logits(pm)).abs().max() > MIN_DELTA
+    diff = (ours - peft_out).abs().max().item()
+    assert diff <= ATOL, f"PEFT vs lora_fx: max |diff| {diff}"
+    diff = (logits(pm.merge_and_unload()) - logits(lora_fx.fold(adapted))).abs().max().item()
+    assert diff <= ATOL_MERGED, f"merge_and_unload vs fold: max |diff| {diff}"
+
+
+class Tiny(torch.nn.Module):
+    """A plain (non-transformers) model: PEFT adapts its nn.Linear layers, lora_fx traces it symbolically."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"q": torch.nn.Linear(d, d), "v": torch.nn.Linear(d, d)}) for _ in range(2))
+        self.out = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b["q"](x)) * b["v"](x)
+        return self.out(x)
+
+
+def test_round_trip_through_peft_format(tmp_path):
+    """lora_fx -> PEFT files -> lora_fx gives back the same modules, settings and outputs; PEFT agrees too."""
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    rules = [lora_fx.Rule(name="blocks.1.q", r=2, alpha=5), lora_fx.Rule(name="q|out", r=4, alpha=8),
+             lora_fx.Rule(name="v", r=3, alpha=3, scaling="rslora")]
+    adapted = lora_fx.adapt(Tiny().eval(), rules, example_inputs=(x,))
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_()
+    save_peft_adapter(adapted, tmp_path / "p")
+    back = load_peft_adapter(Tiny().eval(), tmp_path / "p", example_inputs=(x,))
+    assert {k: (l.r, l.scaling) for k, l in back.lora_fx.items()} == \
+           {k: (l.r, pytest.approx(l.scaling)) for k, l in adapted.lora_fx.items()}
+    assert len(back.lora_fx) == 5  # q (r=2 in block 1, r=4 in block 0), v (rsLoRA) twice, out
+    assert torch.allclose(back(x), adapted(x), rtol=0, atol=ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(Tiny().eval(), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        assert (pm(x) - Tiny()(x)).abs().max() > MIN_DELTA
+        assert torch.allclose(pm(x), adapted(x), rtol=0, atol=ATOL)
+
+
+def test_refuses_dora_and_other_variants(tmp_path):
+    pm, pristine = peft_saved(tmp_path, gpt2, LoraConfig(r=2, target_modules=["c_attn"], use_dora=True,
+                                                         fan_in_fan_out=True))
+    with pytest.raises(AdapterFileError, match="use_dora=True .*DoRA"):
+        load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config.update(use_dora=False, init_lora_weights="pissa")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match="init_lora_weights='pissa'"):
+        load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    config.update(init_lora_weights=True)  # DoRA's magnitude vectors are still in the tensors
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match="lora_magnitude_vector"):
+        load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+
+
+def test_peft_adapter_for_other_widths_is_refused(tmp_path):
+    pm, _ = peft_saved(tmp_path, Tiny, LoraConfig(r=4, target_modules=["q"]))
+    with pytest.raises(AdapterFileError, match=r"lora_A: shape \(r, in\) expected \(4, 24\), found \(4, 16\)"):
+        load_peft_adapter(Tiny(24), tmp_path / "peft", example_inputs=(torch.randn(2, 24),))
+    pm, _ = peft_saved(tmp_path / "o", Tiny, LoraConfig(r=4, target_modules=["q"]))
+    with pytest.raises(AdapterFileError, match=r"no linear-like site for any|does not fit"):
+        load_peft_adapter(gpt2(), tmp_path / "o" / "peft", **export_adapt_kwargs())
+
+
+def test_save_peft_refuses_sites_peft_cannot_hold(tmp_path):
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ self.w
+
+    adapted = lora_fx.adapt(Bare(), None, r=2, example_inputs=(torch.randn(2, 8),))
+    with pytest.raises(AdapterFileError, match="no PEFT equivalent"):
+        save_peft_adapter(adapted, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

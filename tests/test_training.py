@@ -1,0 +1,236 @@
+"""Training: bf16 mixed precision on CPU, torch.compile(fullgraph=True) with no graph breaks, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_fx
+from lora_fx.adapter_file import load_adapter, save_adapter
+from lora_fx.errors import LoraFxError
+from lora_fx.training import prepare_mixed_precision, train
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 16, classes: int = 4):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.q, self.v = nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.ln(x)
+        h = h + torch.relu(self.q(h)) * self.v(h)
+        return self.head(h)
+
+
+RULES = [lora_fx.Rule(name="q|v|head", r=4, alpha=8)]
+
+
+def make(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def data(n: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def base_params(adapted) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in adapted.named_parameters() if not n.startswith("lora_fx.")}
+
+
+# ---------------------------------------------------------------------------------------------------- mixed precision
+def test_bf16_mixed_precision_on_cpu():
+    x, y = data()
+    adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+    prepare_mixed_precision(adapted, torch.bfloat16)
+    for name, p in adapted.named_parameters():
+        if name.startswith("lora_fx."):
+            assert p.dtype == torch.float32 and p.requires_grad, name
+        elif p.dim() >= 2:
+            assert p.dtype == torch.bfloat16 and not p.requires_grad, name
+        else:  # norm scales and biases stay fp32
+            assert p.dtype == torch.float32 and not p.requires_grad, name
+    before = base_params(adapted)
+
+    # one step of a user's own loop under autocast: gradients reach A and B only, in fp32
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(adapted(x).float(), y)
+    loss.backward()
+    for name, p in adapted.named_parameters():
+        if name.startswith("lora_fx."):
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert any(p.grad.abs().sum() > 0 for p in lora_fx.lora_parameters(adapted))
+    opt.step()
+
+    # the helper: loss falls, LoRA stays fp32, the base does not move
+    adapted.eval()
+    history = train(adapted, [(x, y)], ce, steps=40, lr=1e-2, dtype=torch.bfloat16, progress=False)
+    assert len(history) == 40 and history[-1] < 0.6 * history[0], history
+    assert all(p.dtype == torch.float32 for p in lora_fx.lora_parameters(adapted))
+    assert all(torch.equal(before[n], p) for n, p in base_params(adapted).items())
+    assert not any(m.training for m in adapted.modules())  # the helper restores the modules' modes
+
+
+def test_mixed_precision_keeps_export_graphs_valid():
+    """torch.export graphs pin activation dtypes (aten._assert_tensor_metadata): only weights used solely by
+    linear-like ops are stored in bf16, so the graph computes exactly as under autocast alone."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+
+    def model():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0))
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    adapted = lora_fx.adapt(model(), [lora_fx.Rule(name="c_attn", r=4)], example_inputs=(ids,),
+                            example_kwargs={"use_cache": False}, frontend="export")
+    with torch.no_grad():
+        adapted.lora_fx.transformer_h_0_attn_c_attn.lora_B.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_only = adapted(ids, use_cache=False).logits
+    prepare_mixed_precision(adapted, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in adapted.named_parameters()}
+    assert dtypes["transformer.h.0.attn.c_attn.weight"] == dtypes["transformer.h.0.mlp.c_fc.weight"] == torch.bfloat16
+    assert dtypes["transformer.wte.weight"] == torch.float32  # an embedding (tied to lm_head): its output dtype counts
+    assert dtypes["lora_fx.transformer_h_0_attn_c_attn.lora_A"] == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(adapted(ids, use_cache=False).logits, autocast_only)
+    # casting every matrix (the embedding too) breaks the export graph's dtype checks: why the default is "linear"
+    prepare_mixed_precision(adapted, torch.bfloat16, cast="matrices")
+    with pytest.raises(RuntimeError, match="dtype mismatch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted(ids, use_cache=False)
+
+
+def test_train_helper_cycles_batches_and_stops_on_nan():
+    x, y = data()
+    adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    seen = []
+    history = train(adapted, batches, lambda m, b: (seen.append(b[0].shape[0]), ce(m, b))[1], steps=5,
+                    progress=True)
+    assert len(history) == 5 and len(seen) == 5  # re-iterates the list
+    lora = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+    with pytest.raises(LoraFxError, match="the loss is nan at step 0"):
+        train(adapted, batches, lambda m, b: ce(m, b) * float("nan"), steps=3, progress=False)
+    assert all(torch.equal(lora[k], v) for k, v in lora_fx.lora_state_dict(adapted).items())  # step not applied
+    assert len(train(adapted, iter(batches), ce, steps=5, progress=False)) == 2  # a one-shot iterator runs out
+
+
+# ---------------------------------------------------------------------------------------------------- torch.compile
+def _adapt(frontend: str):
+    x, y = data(16)
+    return lora_fx.adapt(make(), RULES, example_inputs=(x,), frontend=frontend), x, y
+
+
+def _check_compiled(frontend: str, backend: str) -> None:
+    import torch._dynamo
+
+    adapted, x, y = _adapt(frontend)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(adapted)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(adapted, fullgraph=True, backend=backend)  # fullgraph: a break would raise
+    eager_loss = ce(adapted, (x, y))
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in lora_fx.lora_parameters(adapted)]
+    adapted.zero_grad(set_to_none=True)
+    loss = ce(compiled, (x, y))
+    loss.backward()
+    assert torch.allclose(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for g, p in zip(eager_grads, lora_fx.lora_parameters(adapted)):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for n, p in adapted.named_parameters() if not n.startswith("lora_fx."))
+    history = train(compiled, [(x, y)], ce, steps=5, lr=1e-2, progress=False)  # the helper takes the wrapper
+    assert history[-1] < history[0]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_compile_fullgraph_without_graph_breaks(frontend):
+    # aot_eager runs dynamo (where graph breaks happen) and AOTAutograd, without Inductor's C++ build time
+    _check_compiled(frontend, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_compile_fullgraph_inductor(frontend):
+    _check_compiled(frontend, "inductor")
+
+
+# ---------------------------------------------------------------------------------------------------- DDP, 2 processes
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, _ = data(8)
+        adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))  # same seed: same base and A on every rank
+        before = base_params(adapted)
+        lora_init = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        ddp = DDP(adapted)
+        batches = [data(16, seed=100 + 10 * rank + i) for i in range(3)]  # each rank sees other data
+        history = train(ddp, batches, ce, steps=6, lr=1e-2, progress=False)
+        lora = lora_fx.lora_state_dict(adapted)
+        equal = True
+        for value in lora.values():
+            gathered = [torch.empty_like(value) for _ in range(world)]
+            dist.all_gather(gathered, value.contiguous())
+            equal &= all(torch.equal(gathered[0], g) for g in gathered)
+        result = {
+            "history": history,
+            "lora_equal_across_ranks": bool(equal),
+            "lora_changed": any(not torch.equal(lora_init[k], v) for k, v in lora.items()),
+            "base_unchanged": all(torch.equal(before[n], p) for n, p in base_params(adapted).items()),
+        }
+        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(out, f"lora_rank{rank}.safetensors"))
+        if rank == 0:
+            save_adapter(ddp, os.path.join(out, "adapter"))
+        dist.barrier()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["lora_equal_across_ranks"] and r["lora_changed"] and r["base_unchanged"], r
+    assert results[0]["history"][0] != results[1]["history"][0]  # the ranks really trained on different data
+    assert sorted(os.listdir(out)) == ["adapter", "lora_rank0.safetensors", "lora_rank1.safetensors",
+                                       "rank0.json", "rank1.json"]
+    # the adapter rank 0 saved holds the weights both ranks ended with
+    x, _ = data(8)
+    fresh = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+    load_adapter(fresh, out / "adapter")
+    rank1 = load_file(str(out / "lora_rank1.safetensors"))
+    assert all(torch.equal(rank1[k], v) for k, v in lora_fx.lora_state_dict(fresh).items())
