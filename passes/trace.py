@@ -144,8 +144,20 @@ def trace_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
             ep = torch.export.export(model, args, kwargs, strict=False)
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph and tensors does not.
     gm = clone_graph_module(ep.module(), class_name=type(model).__name__)
+    drop_dtype_asserts(gm)
     gm.train(model.training)
     return gm
+
+
+def drop_dtype_asserts(gm: fx.GraphModule) -> int:
+    """Remove torch.export's `_assert_tensor_metadata` checks: they pin every dtype seen while tracing, so the
+    graph would refuse to run under autocast (mixed-precision training). They compute nothing and export to no
+    ONNX op."""
+    asserts = [n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
+    for node in asserts:
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return len(asserts)
 
 
 # ---------------------------------------------------------------------------------------------------- the pass

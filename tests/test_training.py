@@ -112,10 +112,11 @@ def test_mixed_precision_keeps_export_graphs_valid():
     assert dtypes["lora_fx.transformer_h_0_attn_c_attn.lora_A"] == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(adapted(ids, use_cache=False).logits, autocast_only)
-    # casting every matrix (the embedding too) breaks the export graph's dtype checks: why the default is "linear"
+    # the trace pass drops export's dtype asserts, so casting every matrix (the embedding too) runs as well
+    assert not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in adapted.graph.nodes)
     prepare_mixed_precision(adapted, torch.bfloat16, cast="matrices")
-    with pytest.raises(RuntimeError, match="dtype mismatch"), torch.autocast("cpu", dtype=torch.bfloat16):
-        adapted(ids, use_cache=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(adapted(ids, use_cache=False).logits.float()).all()
 
 
 def test_train_helper_cycles_batches_and_stops_on_nan():
