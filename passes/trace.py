@@ -153,11 +153,18 @@ def drop_dtype_asserts(gm: fx.GraphModule) -> int:
     """Remove torch.export's `_assert_tensor_metadata` checks: they pin every dtype seen while tracing, so the
     graph would refuse to run under autocast (mixed-precision training). They compute nothing and export to no
     ONNX op."""
-    asserts = [n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
-    for node in asserts:
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return len(asserts)
+    dropped = 0
+    for module in gm.modules():  # also the subgraphs of higher-order ops (no_grad / autocast regions)
+        if not isinstance(module, fx.GraphModule):
+            continue
+        asserts = [n for n in module.graph.nodes
+                   if n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
+        for node in asserts:
+            module.graph.erase_node(node)
+        if asserts:
+            module.recompile()
+            dropped += len(asserts)
+    return dropped
 
 
 # ---------------------------------------------------------------------------------------------------- the pass
