@@ -31,7 +31,7 @@ from lora_fx.errors import VerifyError
 
 #: Initializers the exporter names itself (e.g. ``val_12`` for a transposed weight folded into a constant) get a
 #: counter-based name that shifts with unrelated graph edits; they are compared by dtype, shape and position only.
-GENERATED_INITIALIZER = re.compile(r"val_\d+")
+GENERATED_INITIALIZER = re.compile(r"val_\d+(/.*)?")
 
 #: Integer tensors up to this many elements (reshape targets, axes, ...) are compared by value; they are structure,
 #: not weights. Larger and floating tensors are compared by dtype and shape only.

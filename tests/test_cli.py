@@ -1,0 +1,317 @@
+"""The `lora-fx` command line: every subcommand with good and bad input, in-process (main([...])) and through
+`python -m lora_fx`. Models come from the factories below, named on the command line as tests.test_cli:make_mlp
+(the CLI imports from the current folder, as `python -m` does; the tests run it from the repository root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+from lora_fx.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, load_model, main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FACTORY = "tests.test_cli:make_mlp"
+
+
+# ------------------------------------------------------------------------------------------------ factories
+class CliMLP(nn.Module):
+    def __init__(self, d_in: int = 8, d_hidden: int = 16, d_out: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make_mlp():
+    """(model, example_inputs): what a factory for `lora-fx MODEL` returns."""
+    torch.manual_seed(0)
+    return CliMLP().eval(), (torch.randn(4, 8),)
+
+
+def make_bare_mlp():
+    """A model without example inputs (the command line's --input-shape gives them)."""
+    torch.manual_seed(0)
+    return CliMLP().eval()
+
+
+def make_wide_mlp():
+    """Another architecture: an adapter of make_mlp does not fit it."""
+    torch.manual_seed(0)
+    return CliMLP(8, 32, 4).eval(), (torch.randn(4, 8),)
+
+
+def make_broken():
+    raise RuntimeError("the factory's own bug")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def _in_root(monkeypatch):
+    """Run every command from the repository root (so tests.test_cli imports) and undo its sys.path change."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An adapter folder (trained-looking B), the base export and the unmerged adapted export of make_mlp."""
+    from lora_fx.adapter_file import save_adapter
+
+    d = tmp_path_factory.mktemp("cli")
+    model, args = make_mlp()
+    adapted = lora_fx.adapt(model, [lora_fx.Rule(name="fc1", r=2, alpha=4)], example_inputs=args)
+    torch.manual_seed(1)
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    save_adapter(adapted, d / "adapter")
+    lora_fx.export_onnx(model, d / "base.onnx", args)
+    lora_fx.export_onnx(adapted, d / "unmerged.onnx", args)
+    return d
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(err: str, *needles: str) -> None:
+    """The CLI's error format: a line `error: ...` then a line `hint: ...`, and no traceback."""
+    lines = err.strip().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert any(line.startswith("hint: ") for line in lines[first + 1:]), err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ------------------------------------------------------------------------------------------------ general
+def test_help_and_no_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == EXIT_OK
+    for command in ("plan", "export", "verify", "fold-onnx"):
+        assert command in out
+    code, _, err = run(capsys)
+    assert code == EXIT_USAGE and "usage: lora-fx" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run(capsys, "plan")
+    assert code == EXIT_USAGE
+    assert_error(err, "required: MODEL", "lora-fx plan --help")
+    code, _, err = run(capsys, "plan", FACTORY, "--input-shape", "2,a")
+    assert code == EXIT_USAGE
+    assert_error(err, "'2,a' is not a shape")
+    code, _, err = run(capsys, "plan", "not-a-factory")
+    assert code == EXIT_USAGE
+    assert_error(err, "neither a folder on disk nor package.module:function")
+    code, _, err = run(capsys, "frobnicate")
+    assert code == EXIT_USAGE and "invalid choice" in err
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_plan_table(capsys):
+    code, out, err = run(capsys, "plan", FACTORY)
+    assert code == EXIT_OK, err
+    assert out.splitlines()[0].split()[:4] == ["site", "op", "shape", "roles"]
+    assert "fc1" in out and "fc2" in out
+    assert "2 of 2 sites adapted, 352 LoRA parameters, front end: fx" in out
+
+
+def test_plan_json_with_rules_file(capsys, tmp_path):
+    rules = tmp_path / "lora.toml"
+    rules.write_text('[defaults]\nr = 4\n\n[[rule]]\nname = "fc2"\nexclude = true\n\n[[rule]]\nname = "fc1"\n')
+    code, out, err = run(capsys, "plan", FACTORY, "--rules", rules, "--json")
+    assert code == EXIT_OK, err
+    plan = json.loads(out)
+    rows = {row["site"]: row for row in plan["sites"]}
+    assert rows["fc1"]["adapted"] and rows["fc1"]["r"] == 4 and rows["fc1"]["rule"] == 1
+    assert not rows["fc2"]["adapted"] and rows["fc2"]["rule"] == 0
+    assert plan["parameters_added"] == 4 * (8 + 16)
+
+
+def test_plan_input_shape_for_a_bare_model(capsys):
+    code, out, err = run(capsys, "plan", "tests.test_cli:make_bare_mlp", "--input-shape", "3,8", "--frontend", "fx")
+    assert code == EXIT_OK, err
+    assert "2 of 2 sites adapted" in out and "front end: fx" in out
+
+
+def test_plan_bad_inputs(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", "tests.test_cli:make_mlpp")
+    assert code == EXIT_FAILED
+    assert_error(err, "has no attribute 'make_mlpp'", "did you mean tests.test_cli:make_mlp")
+    code, _, err = run(capsys, "plan", "tests.no_such_module:f")
+    assert code == EXIT_FAILED
+    assert_error(err, "cannot import 'tests.no_such_module'")
+    code, _, err = run(capsys, "plan", "tests.test_cli:make_broken")
+    assert code == EXIT_FAILED
+    assert_error(err, "the factory tests.test_cli:make_broken failed: RuntimeError: the factory's own bug")
+    code, _, err = run(capsys, "plan", FACTORY, "--input-shape", "2,9")  # fc1 takes 8 features
+    assert code == EXIT_FAILED
+    assert_error(err, "the example inputs do not fit the model", "--input-shape")
+    bad = tmp_path / "lora.toml"
+    bad.write_text("[[rule]]\nname = 'fc1'\nrank = 4\n")
+    code, _, err = run(capsys, "plan", FACTORY, "--rules", bad)
+    assert code == EXIT_FAILED
+    assert_error(err, "unknown field(s) ['rank']", f"{bad}: rule 0", "hint: fields are")
+
+
+def test_verbose_prints_the_traceback(capsys):
+    code, _, err = run(capsys, "--verbose", "plan", "tests.test_cli:make_broken")
+    assert code == EXIT_FAILED
+    assert "Traceback" in err and "the factory's own bug" in err and "error: " in err
+    code, _, err = run(capsys, "plan", "tests.test_cli:make_broken", "-v")  # after the command too
+    assert "Traceback" in err
+
+
+def test_transformers_folder(tmp_path):
+    """MODEL as a config folder: built from config.json (architectures -> class), use_cache off, default ids."""
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and not loaded.model.training
+    assert loaded.kwargs == {"use_cache": False}
+    (ids,) = loaded.args
+    assert ids.shape == (2, 16) and ids.dtype == torch.long and int(ids.max()) < 50
+    (ids,) = load_model(str(tmp_path), input_ids=(3, 5)).args
+    assert ids.shape == (3, 5)
+
+
+def test_transformers_folder_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", tmp_path)
+    assert code == EXIT_USAGE
+    assert_error(err, "folder without config.json")
+
+
+def test_plan_transformers_folder(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--input-ids", "2,8")
+    assert code == EXIT_OK, err
+    assert "model.layers.0.self_attn.q_proj" in out and "front end: export" in out
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export(capsys, files, tmp_path):
+    out_path, base_path = tmp_path / "merged.onnx", tmp_path / "base.onnx"
+    code, out, err = run(capsys, "export", FACTORY, "--adapter", files / "adapter", "--out", out_path,
+                         "--base-out", base_path)
+    assert code == EXIT_OK, err
+    assert "ONNX structure: IDENTICAL" in out
+    assert "adapted with the adapter" in err and "1 LoRA weight(s)" in err
+    assert lora_fx.verify_onnx(base_path, out_path).identical
+    # the merged file computes the folded model: its fc1 weight moved, fc2's did not
+    import onnx
+    from onnx import numpy_helper
+
+    base = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(base_path)).graph.initializer}
+    merged = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out_path)).graph.initializer}
+    assert not (base["fc1.weight"] == merged["fc1.weight"]).all()
+    assert (base["fc2.weight"] == merged["fc2.weight"]).all()
+
+
+def test_export_from_a_peft_folder(capsys, files, tmp_path):
+    """--adapter also takes a PEFT LoRA folder (adapter_model.safetensors), loaded with load_peft_adapter."""
+    from lora_fx.peft_compat import save_peft_adapter
+
+    model, args = make_mlp()
+    adapted = lora_fx.adapt(model, [lora_fx.Rule(name="fc2", r=2)], example_inputs=args)
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    save_peft_adapter(adapted, tmp_path / "peft")
+    code, out, err = run(capsys, "export", FACTORY, "--adapter", tmp_path / "peft", "--out", tmp_path / "m.onnx",
+                         "--parity")
+    assert code == EXIT_OK, err
+    assert "PEFT adapter" in err and "ONNX structure: IDENTICAL" in out and "parity: OK" in out
+
+
+def test_export_bad_inputs(capsys, files, tmp_path):
+    out_path = tmp_path / "merged.onnx"
+    code, _, err = run(capsys, "export", FACTORY, "--adapter", tmp_path / "nowhere", "--out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "the adapter folder does not exist")
+    code, _, err = run(capsys, "export", "tests.test_cli:make_wide_mlp", "--adapter", files / "adapter",
+                       "--out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "does not fit")
+    code, _, err = run(capsys, "export", "tests.test_cli:make_bare_mlp", "--adapter", files / "adapter",
+                       "--out", out_path)
+    assert code == EXIT_USAGE
+    assert_error(err, "export needs example inputs", "--input-shape")
+    code, _, err = run(capsys, "export", FACTORY, "--out", out_path)
+    assert code == EXIT_USAGE
+    assert_error(err, "--adapter")
+    assert not out_path.exists()
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def test_verify(capsys, files, tmp_path):
+    code, out, err = run(capsys, "verify", files / "base.onnx", files / "base.onnx")
+    assert code == EXIT_OK, err
+    assert "ONNX structure: IDENTICAL" in out
+    code, out, err = run(capsys, "verify", files / "base.onnx", files / "unmerged.onnx")
+    assert code == EXIT_FAILED
+    assert "ONNX structure: DIFFERENT" in out and "lora_fx.fc1.lora_A" in out
+    assert err == ""  # a difference is a result, not an error
+
+
+def test_verify_bad_inputs(capsys, files, tmp_path):
+    code, _, err = run(capsys, "verify", files / "base.onnx", tmp_path / "missing.onnx")
+    assert code == EXIT_FAILED
+    assert_error(err, "ONNX file does not exist", "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    code, _, err = run(capsys, "verify", junk, files / "base.onnx")
+    assert code == EXIT_FAILED
+    assert_error(err, "is not a valid ONNX model")
+    code, _, err = run(capsys, "verify", files / "base.onnx")
+    assert code == EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------ fold-onnx
+def test_fold_onnx(capsys, files, tmp_path):
+    out_path = tmp_path / "merged.onnx"
+    code, out, err = run(capsys, "fold-onnx", files / "unmerged.onnx", "--out", out_path, "--base",
+                         files / "base.onnx")
+    assert code == EXIT_OK, err
+    assert "1 LoRA branch(es) folded, 0 refused" in out and "ONNX structure: IDENTICAL" in out
+    assert lora_fx.verify_onnx(files / "base.onnx", out_path).identical
+
+
+def test_fold_onnx_bad_inputs(capsys, files, tmp_path, monkeypatch):
+    out_path = tmp_path / "merged.onnx"
+    code, _, err = run(capsys, "fold-onnx", tmp_path / "missing.onnx", "--out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "the ONNX file does not exist")
+    code, _, err = run(capsys, "fold-onnx", files / "base.onnx", "--out", out_path)  # nothing to fold
+    assert code == EXIT_FAILED
+    assert_error(err, "has no LoRA branch to fold", "UNMERGED")
+    code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx")
+    assert code == EXIT_USAGE
+    monkeypatch.setitem(sys.modules, "lora_fx.onnx_fold", None)  # an installation without the ONNX fold
+    code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx", "--out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "the ONNX-level fold is not available", "lora-fx export")
+
+
+# ------------------------------------------------------------------------------------------------ python -m lora_fx
+def test_python_m_lora_fx():
+    """The real entry: a separate interpreter, the factory imported from the current folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ok = subprocess.run([sys.executable, "-m", "lora_fx", "plan", FACTORY, "--json"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert [row["site"] for row in json.loads(ok.stdout)["sites"]] == ["fc1", "fc2"]
