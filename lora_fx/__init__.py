@@ -36,6 +36,9 @@ def __getattr__(name):
     if name in ("load_peft_adapter", "save_peft_adapter"):
         from lora_fx import peft_compat
         return getattr(peft_compat, name)
+    if name in ("fold_onnx", "FoldOnnxReport"):
+        from lora_fx import onnx_fold
+        return getattr(onnx_fold, name)
     if name in ("train", "prepare_mixed_precision"):
         from lora_fx import training
         return getattr(training, name)
@@ -47,4 +50,4 @@ __all__ = ["adapt", "fold", "add_adapter", "set_adapter", "active_adapters", "di
            "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
            "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
-           "train", "prepare_mixed_precision"]
+           "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport"]

@@ -1,0 +1,140 @@
+"""Fold the LoRA branches of an ONNX file exported from an UNMERGED adapted model, without PyTorch.
+
+    report = lora_fx.onnx_fold.fold_onnx("unmerged.onnx", "merged.onnx")
+    assert not report.rejected
+    lora_fx.verify_onnx("base.onnx", "merged.onnx").identical   # base.onnx: the base model, same export settings
+
+Each branch ``Add(base(x), s·(x·A)·B)`` becomes ``base(x)`` with ``W <- W + s·B·A`` (in W's layout), accumulated in
+fp64 (fp32 on request) and rounded once into W's dtype; the rule and its refusals are in ``lora_fx.passes.onnx_fold``.
+The output file is written atomically (temporary file in the same directory, then a rename): a failed fold never
+leaves a partial file and never clobbers an existing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxscript import ir
+
+from lora_fx.errors import ExportError, InputError
+from lora_fx.passes.onnx_fold import FoldRecord, fold_lora_branches
+
+#: Above this many bytes of initializers the folded model is saved with its weights in ``<file>.data`` (protobuf
+#: cannot hold more than 2 GB in one message).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclasses.dataclass
+class FoldOnnxReport:
+    """What fold_onnx did: `folded` branches merged into their base weights, `rejected` ones left in the graph
+    (one line each: site and reason). ``ok`` is True when at least one branch was folded and none was refused."""
+
+    folded: int
+    rejected: list[str]
+    kept: list[str] = dataclasses.field(default_factory=list)  # left unfolded on request (keep=...)
+    weights: list[str] = dataclasses.field(default_factory=list)  # initializers that received a fold
+    records: list[FoldRecord] = dataclasses.field(default_factory=list)
+    removed_initializers: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    path: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.folded > 0 and not self.rejected
+
+    def __str__(self) -> str:
+        kept = f", {len(self.kept)} kept on request" if self.kept else ""
+        lines = [f"ONNX fold: {self.folded} LoRA branch(es) folded, {len(self.rejected)} refused{kept}; nodes "
+                 f"{self.nodes_before} -> {self.nodes_after}, {self.removed_initializers} initializers removed"
+                 + (f" -> {self.path}" if self.path else "")]
+        lines += [f"  - refused {line}" for line in self.rejected]
+        return "\n".join(lines)
+
+
+def fold_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, *,
+              accumulate_dtype: Any = np.float64, keep: str | None = None) -> FoldOnnxReport:
+    """Fold every LoRA branch of the ONNX file `in_path` into its base weight and write the result to `out_path`.
+
+    Branches the rule refuses stay in the graph, unchanged, and are listed in ``report.rejected``; the file is
+    still written (it computes the same function as the input). ``accumulate_dtype``: np.float64 (default: one
+    rounding, at most half an ulp from the exact sum) or np.float32 (lora_fx.fold's default accumulation).
+    ``keep``: a regular expression on module paths (e.g. ``"query|value"``); matching branches are left unfolded on
+    purpose and listed in ``report.kept``. `out_path` may equal `in_path`.
+    """
+    in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
+    model = _load(in_path)
+    nodes_before, inits_before = len(model.graph), len(model.graph.initializers)
+    try:
+        result = fold_lora_branches(model, accumulate_dtype, keep)
+    except (ValueError, re.error) as err:
+        raise InputError(str(err), where="fold_onnx(accumulate_dtype=..., keep=...)",
+                         fix="accumulate_dtype: np.float32 or np.float64; keep: a valid regular expression") from err
+    _save(model, out_path)
+    return FoldOnnxReport(
+        folded=len(result.folded),
+        rejected=result.rejected,
+        kept=result.kept,
+        weights=[r.weight for r in result.folded],
+        records=result.folded,
+        removed_initializers=inits_before - len(model.graph.initializers),
+        nodes_before=nodes_before,
+        nodes_after=len(model.graph),
+        path=str(out_path),
+    )
+
+
+def _load(path: pathlib.Path) -> ir.Model:
+    if not path.is_file():
+        raise InputError("the ONNX file does not exist", where=str(path),
+                         fix="export the unmerged adapted model first with lora_fx.export_onnx")
+    try:
+        return ir.load(str(path))
+    except Exception as err:
+        raise InputError(f"cannot read the ONNX file: {type(err).__name__}: {err}", where=str(path),
+                         fix="pass an ONNX file written by lora_fx.export_onnx (or torch.onnx.export)") from err
+
+
+def _save(model: ir.Model, path: pathlib.Path) -> None:
+    """Write `model` to `path` atomically, with external data next to it when the weights are too big for one file."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data_name = path.name + ".data" if size > EXTERNAL_DATA_BYTES else None
+    with _temporary_dir(path) as tmp:
+        target = tmp / path.name
+        try:
+            ir.save(model, str(target), external_data=data_name)
+            onnx.checker.check_model(str(target))
+        except Exception as err:
+            raise ExportError(f"writing the folded model failed: {type(err).__name__}: {err}", where=str(path),
+                              fix="check the free disk space; if the input model is valid, report this as a bug") from err
+        for extra in sorted(p for p in tmp.iterdir() if p != target):  # external data first, the .onnx last
+            os.replace(extra, path.parent / extra.name)
+        os.replace(target, path)
+
+
+@contextlib.contextmanager
+def _temporary_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary directory beside `path` (same filesystem, so os.replace is atomic), removed afterwards."""
+    fix = "write to a path inside an existing, writable directory"
+    if path.is_dir():
+        raise ExportError("the output path is a directory, not a file", where=str(path), fix="give a file path")
+    if not path.parent.is_dir():
+        raise ExportError("the output directory does not exist", where=str(path.parent), fix=fix)
+    try:
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        raise ExportError(f"the output directory is not writable: {err}", where=str(path.parent), fix=fix) from err
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
