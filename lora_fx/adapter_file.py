@@ -449,7 +449,13 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
     tensors = {}
     for lora in container.values():
         for part in ("lora_A", "lora_B"):
-            tensors[f"{lora_id(lora)}.{part}"] = getattr(lora, part).detach().to("cpu").contiguous().clone()
+            t = getattr(lora, part).detach().to("cpu").contiguous().clone()
+            if not torch.isfinite(t).all():
+                raise AdapterFileError(f"{part} of the LoRA on {lora.weight_name!r} holds NaN or Inf; nothing was "
+                                       f"saved (load_adapter would refuse the file)", where=f"{lora_id(lora)}.{part}",
+                                       fix="training diverged: lower the learning rate, use gradient clipping, or "
+                                           "reload a good adapter")
+            tensors[f"{lora_id(lora)}.{part}"] = t
     rules, defaults = getattr(state, "rules", None), getattr(state, "defaults", None)
     # per adapter ({name: rules}) where the state keeps them so; a plain value belongs to the default adapter
     rules = rules.get(adapter) if isinstance(rules, dict) else (rules if adapter == DEFAULT_ADAPTER else None)

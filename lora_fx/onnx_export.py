@@ -57,6 +57,9 @@ def export_onnx(
     model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
     next to the ``.onnx``; smaller ones come out as one self-contained file.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}", where="export_onnx(model=...)",
+                         fix="pass the model object itself (an nn.Module, e.g. the result of lora_fx.fold)")
     path = pathlib.Path(path)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
@@ -69,7 +72,12 @@ def export_onnx(
             if dtype is not None:
                 model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
             _export(model, tmp_dir / path.name, example_inputs, example_kwargs, dynamic_shapes, path)
-        _move_into_place(tmp_dir, path)
+        try:
+            _move_into_place(tmp_dir, path)
+        except OSError as err:
+            raise ExportError(f"the exported file could not be moved into place: {err}", where=str(path),
+                              fix="check free disk space and permissions of the output directory, then export again"
+                              ) from err
     return path
 
 

@@ -230,7 +230,12 @@ def time_session(
 
 
 def _session(path: str, providers: list) -> ort.InferenceSession:
-    return ort.InferenceSession(path, providers=providers)
+    try:
+        return ort.InferenceSession(path, providers=providers)
+    except Exception as err:  # InvalidProtobuf, InvalidGraph, NoSuchFile, ... from onnxruntime
+        raise InputError(f"ONNX Runtime cannot load the file: {type(err).__name__}: {err}", where=path,
+                         fix="give a file written by lora_fx.export_onnx (a truncated or non-ONNX file cannot run)"
+                         ) from err
 
 
 def _as_session(session_or_path: ort.InferenceSession | str | os.PathLike, device: str) -> ort.InferenceSession:

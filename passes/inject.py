@@ -101,7 +101,7 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
 
     Another adapter on an already adapted graph adds its own branches beside the same base nodes
     (y' = add(add(y, branch_2), branch_1)); fold removes them all."""
-    if not adapter.isidentifier() or adapter in state.adapters:
+    if not isinstance(adapter, str) or not adapter.isidentifier() or adapter in state.adapters:
         raise RuleError(f"adapter name {adapter!r} is taken or not an identifier", where="adapter",
                         fix=f"use a new name made of letters, digits and _ (taken: {sorted(state.adapters)})")
     units = _units(decisions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -20,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import InputError, TraceError
-from lora_fx.passes.infra import PassResult, clone_graph_module
+from lora_fx.passes.infra import PassResult, clone_graph_module, graph_signature
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -119,6 +120,27 @@ def trace_fx(model: nn.Module, *, leaf_modules=(), open_modules=(), concrete_arg
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
+def warn_if_mode_dependent(model: nn.Module, gm: fx.GraphModule, leaf_modules, open_modules, concrete_args) -> bool:
+    """Symbolic tracing bakes `self.training` branches into the graph: warn when the other mode traces differently."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        other = trace_fx(model, leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
+    except Exception:  # the other mode does not trace at all: nothing to compare
+        return False
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if graph_signature(other.graph) == graph_signature(gm.graph):
+        return False
+    mode = "train" if model.training else "eval"
+    warnings.warn(f"lora_fx: the traced graph of {type(model).__name__} differs between train and eval mode (its "
+                  f"forward branches on self.training, e.g. F.dropout(training=self.training)); the adapted graph keeps "
+                  f"{mode} mode whatever .train()/.eval() says. Adapt the model in the mode you will train it in.",
+                  UserWarning, stacklevel=4)
+    return True
+
+
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Every dim of every tensor input as Dim.AUTO: dynamic where the model allows it, static otherwise."""
     auto = lambda t: {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
@@ -199,6 +221,10 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
         raise InputError(f"unknown frontend {frontend!r}", where="frontend", fix=f"use one of {list(FRONTENDS)}")
     args, kwargs = example_args, dict(example_kwargs or {})
     if args is not None and not isinstance(args, tuple):
+        if not isinstance(args, (torch.Tensor, list)):
+            raise InputError(f"example_inputs must be a tuple of the forward's positional arguments, got "
+                             f"{type(args).__name__}", where="example_inputs",
+                             fix="pass example_inputs=(x,) (a tuple, even for one input)")
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
     have_inputs = args is not None or bool(kwargs)
     args = args or ()
@@ -213,6 +239,7 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
                 with torch.no_grad(), eval_mode(gm):
                     if not _outputs_match(gm(*args, **kwargs), reference):
                         raise TraceError("the symbolically traced graph computes something else than the model")
+            warn_if_mode_dependent(model, gm, leaf_modules, open_modules, concrete_args)
             hidden = hidden_linear_modules(gm)
             if frontend == "fx" or not hidden or not have_inputs:
                 changes.append("traced with torch.fx symbolic tracing")

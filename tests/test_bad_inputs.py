@@ -1,0 +1,600 @@
+"""A catalogue of bad inputs across the API and the files lora_fx reads and writes.
+
+Each case asserts: a LoraFxError subclass, a message that says what and where and has "How to fix:", and that
+nothing changed: the model's tensors, requires_grad flags, modules and mode; files byte-identical; no temporary
+files left behind. Everything runs for real on CPU; disk errors are simulated by making os / safetensors calls
+raise OSError (not a mock of torch or ONNX).
+
+Cases marked xfail(strict=True) are bugs or gaps found here: they flip to XPASS (and fail the run) when fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_fx
+from lora_fx import Rule
+
+from conftest import TinyBlock, TinyMLP
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def state(module: nn.Module):
+    return ({k: v.detach().clone() for k, v in module.state_dict().items()},
+            {n: p.requires_grad for n, p in module.named_parameters()},
+            {n: (type(m), id(m)) for n, m in module.named_modules()},
+            [m.training for m in module.modules()])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a NaN planted by a test must count as unchanged)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) \
+        and torch.equal(a.isnan(), b.isnan())
+
+
+def assert_unchanged(module, before):
+    tensors, flags, modules, training = state(module)
+    assert tensors.keys() == before[0].keys()
+    assert all(_same(before[0][k], tensors[k]) for k in tensors), "a tensor changed"
+    assert flags == before[1], "requires_grad flags changed"
+    assert modules == before[2], "modules changed"
+    assert training == before[3], "train/eval mode changed"
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under root (hidden ones too: temporary files show up here) with its bytes."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(root.rglob("*"))}
+
+
+def expect(cls, fn, *words):
+    with pytest.raises(lora_fx.LoraFxError) as info:
+        fn()
+    err, message = info.value, str(info.value)
+    assert isinstance(err, cls), f"{type(err).__name__} is not {cls.__name__}: {message}"
+    assert "How to fix:" in message, message
+    assert err.what and err.fix, message
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    return message
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(4, 8),)
+
+
+@pytest.fixture
+def adapted(mlp):
+    model, args = mlp
+    a = lora_fx.adapt(model, example_inputs=args, r=4)
+    with torch.no_grad():
+        for lora in a.lora_fx.values():
+            lora.lora_B.normal_(0, 0.1)
+    return a
+
+
+@pytest.fixture
+def saved(adapted, tmp_path):
+    """(folder of a saved adapter, its files' bytes)."""
+    folder = lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    return folder, files(tmp_path)
+
+
+class Twice(nn.Module):
+    """One weight at two sites: nn.Linear, then F.linear on the same weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.fc.weight)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+class ModeDependent(nn.Module):
+    """Its forward branches on self.training: a trace bakes in one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if self.training else self.fc(x)
+
+
+# ------------------------------------------------------------------------------------------------ wrong types
+@pytest.mark.parametrize("model", [lambda x: x, "model.pt", 3, None])
+def test_01_model_not_a_module(model):
+    expect(lora_fx.InputError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(1, 8),)),
+           "nn.Module", type(model).__name__, "(at model)")
+    expect(lora_fx.InputError, lambda: lora_fx.plan(model, example_inputs=(torch.ones(1, 8),)), "nn.Module")
+
+
+@pytest.mark.parametrize("inputs", [("abc",), ["not", "tensors"], (torch.ones(3, 5),), ({"x": 1},)])
+def test_02_example_inputs_not_tensors_that_fit(mlp, inputs):
+    model, _ = mlp
+    before = state(model)
+    expect(lora_fx.InputError, lambda: lora_fx.adapt(model, example_inputs=inputs), "do not fit", "TinyMLP.forward")
+    assert_unchanged(model, before)
+
+
+def test_03_example_inputs_a_scalar(mlp):
+    model, _ = mlp
+    before = state(model)
+    expect(lora_fx.InputError, lambda: lora_fx.adapt(model, example_inputs=3), "example_inputs", "int")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("rules, words", [
+    ("fc1", ["str"]),
+    (42, ["int"]),
+    ([Rule(name="fc1"), "fc2"], ["rules[1]", "str"]),
+    ([], ["empty"]),
+    ({"name": "fc1", "r": "8"}, ["r must be a positive integer"]),
+])
+def test_04_rules_of_wrong_type(mlp, rules, words):
+    model, args = mlp
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=rules, example_inputs=args, r=2), *words)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"r": 0}, ["r must be a positive integer"]), ({"r": 2.5}, ["r must be a positive integer"]),
+    ({"alpha": -1.0}, ["alpha must be a positive number"]), ({"dropout": 1.0}, ["dropout must be in [0, 1)"]),
+])
+def test_05_bad_default_settings(mlp, kwargs, words):
+    model, args = mlp
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, example_inputs=args, **kwargs), *words)
+    assert_unchanged(model, before)
+
+
+def test_06_malformed_rule_fields():
+    expect(lora_fx.RuleError, lambda: Rule(name="fc(", r=4), "not a valid regex")
+    expect(lora_fx.RuleError, lambda: Rule(op="conv2d"), "unknown op kind", "conv2d")
+    expect(lora_fx.RuleError, lambda: Rule(name=3), "`name` must be a string")
+
+
+def test_07_unknown_frontend(mlp):
+    model, args = mlp
+    before = state(model)
+    expect(lora_fx.InputError, lambda: lora_fx.adapt(model, example_inputs=args, frontend="jit"), "jit", "frontend")
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def test_08_empty_model():
+    model = nn.Sequential()
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),)),
+           "no linear-like site", "Sequential")
+    assert list(model.modules()) == [model]
+
+
+def test_09_model_without_linear_sites():
+    model = nn.Sequential(nn.ReLU(), nn.LayerNorm(4))
+    before = state(model)
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),)),
+           "no linear-like site", "open_modules")
+    assert_unchanged(model, before)
+
+
+def test_10_model_that_no_front_end_traces():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    model = DataDependent()
+    before = state(model)
+    expect(lora_fx.TraceError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),), r=2),
+           "torch.fx symbolic tracing", "torch.export", "DataDependent")
+    assert_unchanged(model, before)
+
+
+def test_11_trace_differs_between_train_and_eval():
+    """Not an error (F.dropout(training=self.training) is common), but said loudly: the graph keeps one mode."""
+    torch.manual_seed(0)
+    model, x = ModeDependent().eval(), torch.randn(2, 8)
+    before = state(model)
+    with pytest.warns(UserWarning, match="ModeDependent differs between train and eval mode"):
+        lora_fx.adapt(model, example_inputs=(x,), r=2, frontend="fx")
+    assert not any(p.requires_grad for p in model.parameters())  # adapt went through (and froze the base)
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def test_12_rules_conflict_on_one_weight():
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(2, 8)
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=[Rule(name="fc", op="linear_module", r=2),
+                                                                   Rule(name="fc", op="functional_linear", r=4)],
+                                                    example_inputs=(x,)),
+           "fc.weight", "2 sites", "r=2", "r=4")
+    assert_unchanged(model, before)
+
+
+def test_13_rule_matches_nothing_under_strict(mlp):
+    model, args = mlp
+    rules = [Rule(name="fc1", r=2), Rule(name="fc3", r=2)]
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=rules, example_inputs=args, strict=True),
+           "rules[1]", "fc3")
+    assert_unchanged(model, before)
+
+
+def test_14_no_rule_matches_any_site(mlp):
+    model, args = mlp
+    before = state(model)
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, rules=[Rule(name="query")], example_inputs=args),
+           "no rule matched", "'fc1'", "'fc2'", "query")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("rules, r, words", [
+    ([Rule(name="fc2", r=5)], 8, ["r=5", "min(in, out) = 4", "fc2.weight", "r <= 4"]),
+    (None, 100, ["r=100", "fc1.weight"]),
+])
+def test_15_rank_too_large(mlp, rules, r, words):
+    model, args = mlp
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=rules, example_inputs=args, r=r), *words)
+    assert_unchanged(model, before)
+
+
+def test_16_rule_selects_a_tied_weight():
+    model = Tied()
+    before = state(model)
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(model, rules=[Rule(name="head", r=2)],
+                                                    example_inputs=(torch.tensor([[1, 2, 3]]),)),
+           "tied", "head.weight", "untie=True")
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------ adapters in memory
+def test_17_fold_twice(adapted):
+    folded = lora_fx.fold(adapted)
+    before = state(folded)
+    expect(lora_fx.FoldError, lambda: lora_fx.fold(folded), "not adapted", "TinyMLP")
+    assert_unchanged(folded, before)
+
+
+def test_18_fold_not_a_module():
+    expect(lora_fx.InputError, lambda: lora_fx.fold("model.pt"), "str", "lora_fx.adapt")
+
+
+def test_19_unmerge_without_merge(adapted, mlp):
+    model, _ = mlp
+    before, before_model = state(adapted), state(model)
+    expect(lora_fx.FoldError, lambda: lora_fx.unmerge_adapter(adapted), "no adapter is merged", "merge_adapter")
+    assert_unchanged(adapted, before)
+    assert_unchanged(model, before_model)
+
+
+def test_20_merge_twice_and_fold_while_merged(adapted):
+    lora_fx.merge_adapter(adapted)
+    before = state(adapted)
+    expect(lora_fx.FoldError, lambda: lora_fx.merge_adapter(adapted), "merged already", "unmerge_adapter")
+    expect(lora_fx.FoldError, lambda: lora_fx.fold(adapted), "merged in place", "unmerge_adapter")
+    assert_unchanged(adapted, before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("call", ["fold", "fold_inplace", "merge"])
+def test_21_non_finite_lora_weights(adapted, mlp, value, call):
+    model, _ = mlp
+    with torch.no_grad():
+        adapted.lora_fx["fc2"].lora_B[0, 0] = value  # the last LoRA: earlier ones would fold fine
+    before, before_model = state(adapted), state(model)
+    fn = {"fold": lambda: lora_fx.fold(adapted), "fold_inplace": lambda: lora_fx.fold(adapted, inplace=True),
+          "merge": lambda: lora_fx.merge_adapter(adapted)}[call]
+    expect(lora_fx.FoldError, fn, "NaN or Inf", "fc2", "nothing was folded")
+    assert_unchanged(adapted, before)
+    assert_unchanged(model, before_model)
+
+
+def test_22_set_adapter_unknown_name(adapted):
+    active = lora_fx.active_adapters(adapted)
+    expect(lora_fx.InputError, lambda: lora_fx.set_adapter(adapted, "nope"), "nope", "default")
+    assert lora_fx.active_adapters(adapted) == active
+
+
+@pytest.mark.parametrize("name", ["default", "second", "a.b"])
+def test_23_add_adapter_with_a_taken_or_bad_name(adapted, name):
+    lora_fx.add_adapter(adapted, "second", r=2)
+    before = state(adapted)
+    expect(lora_fx.RuleError, lambda: lora_fx.add_adapter(adapted, name, r=2), repr(name), "taken")
+    assert_unchanged(adapted, before)
+
+
+def test_24_add_adapter_name_not_a_string(adapted):
+    before = state(adapted)
+    expect(lora_fx.RuleError, lambda: lora_fx.add_adapter(adapted, 3, r=2), "adapter name")
+    assert_unchanged(adapted, before)
+
+
+def test_25_unknown_adapter_to_fold_or_merge(adapted):
+    before = state(adapted)
+    expect(lora_fx.InputError, lambda: lora_fx.fold(adapted, adapters="zz"), "zz")
+    expect(lora_fx.FoldError, lambda: lora_fx.merge_adapter(adapted, "zz"), "zz")
+    assert_unchanged(adapted, before)
+
+
+def test_26_lora_calls_on_a_plain_model(mlp):
+    model, _ = mlp
+    before = state(model)
+    expect(lora_fx.FoldError, lambda: list(lora_fx.lora_parameters(model)), "not adapted", "TinyMLP")
+    expect(lora_fx.FoldError, lambda: lora_fx.lora_state_dict(model), "not adapted")
+    expect(lora_fx.FoldError, lambda: lora_fx.fold(model), "not adapted")
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------ adapter files
+def test_27_load_into_a_plain_model(mlp, saved):
+    model, _ = mlp
+    before = state(model)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(model, saved[0]), "not adapted",
+           "adapt_from_adapter")
+    assert_unchanged(model, before)
+
+
+def test_28_adapter_for_another_model(saved, tmp_path):
+    torch.manual_seed(1)
+    other = lora_fx.adapt(TinyMLP(8, 12, 4), example_inputs=(torch.randn(2, 8),), r=4)
+    before = state(other)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(other, saved[0]), "does not fit",
+           "nothing was loaded", "fc1.weight.lora_B", str(saved[0]))
+    assert_unchanged(other, before)
+    assert files(tmp_path) == saved[1]
+
+
+def test_29_adapt_from_adapter_of_another_model(saved, tmp_path):
+    torch.manual_seed(0)
+    model, x = TinyBlock(), torch.randn(2, 3, 16)
+    before = state(model)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.adapt_from_adapter(model, saved[0], example_inputs=(x,)),
+           str(saved[0]))
+    assert_unchanged(model, before)
+    assert files(tmp_path) == saved[1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_30_truncated_or_corrupt_weights_file(adapted, saved, tmp_path, damage):
+    path = saved[0] / "adapter.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]),
+           "adapter.safetensors", "truncated or corrupt")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", ["not valid JSON", "line 1"]),
+    ("[1, 2]", ["JSON list, not an object"]),
+    (b"\xff\xfe\x00", ["not UTF-8"]),
+    ('{"format": "something else"}', ["not a lora_fx adapter config"]),
+    ('{"format": "lora_fx.adapter", "format_version": 99}', ["format version 99"]),
+])
+def test_31_corrupt_config_file(adapted, saved, tmp_path, text, words):
+    path = saved[0] / "adapter_config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "adapter_config.json", *words)
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def _rewrite(folder: Path, change) -> None:
+    tensors = safetensors.torch.load_file(str(folder / "adapter.safetensors"))
+    safetensors.torch.save_file(change(tensors), str(folder / "adapter.safetensors"))
+
+
+def test_32_adapter_file_with_wrong_dtype(adapted, saved, tmp_path):
+    _rewrite(saved[0], lambda t: {k: (v * 100).to(torch.int32) for k, v in t.items()})
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "dtype int32", "float32")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def test_33_adapter_file_with_wrong_shape(adapted, saved, tmp_path):
+    _rewrite(saved[0], lambda t: {k: (torch.zeros(v.shape[0] + 1, v.shape[1]) if k == "fc1.weight.lora_A" else v)
+                                  for k, v in t.items()})
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "fc1.weight.lora_A",
+           "(5, 8)", "(4, 8)")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def test_34_adapter_file_with_nan(adapted, saved, tmp_path):
+    _rewrite(saved[0], lambda t: {k: (torch.full_like(v, float("nan")) if k == "fc2.weight.lora_B" else v)
+                                  for k, v in t.items()})
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "fc2.weight.lora_B",
+           "NaN or Inf", "nothing was loaded")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def test_35_save_adapter_with_nan(adapted, saved, tmp_path):
+    with torch.no_grad():
+        adapted.lora_fx["fc2"].lora_B[0, 0] = float("nan")
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, saved[0]), "NaN or Inf", "fc2")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def test_36_adapter_folder_or_file_missing(adapted, saved, tmp_path):
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, tmp_path / "nope"),
+           "does not exist", "nope")
+    (saved[0] / "adapter.safetensors").unlink()
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "adapter.safetensors",
+           "missing")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+def test_37_load_while_merged(adapted, saved, tmp_path):
+    lora_fx.merge_adapter(adapted)
+    before = state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "merged", "unmerge_adapter")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == saved[1]
+
+
+def test_38_save_where_the_parent_is_a_regular_file(adapted, tmp_path):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    on_disk = files(tmp_path)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, tmp_path / "blocker" / "adapter"),
+           "blocker")
+    assert files(tmp_path) == on_disk
+
+
+def test_39_save_into_a_folder_with_other_files(adapted, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    on_disk = files(tmp_path)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, tmp_path / "mine"), "notes.txt",
+           "own folder")
+    assert files(tmp_path) == on_disk
+
+
+def test_40_save_where_the_target_is_a_file(adapted, tmp_path):
+    (tmp_path / "adapter").write_text("x")
+    on_disk = files(tmp_path)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, tmp_path / "adapter"), "not a folder")
+    assert files(tmp_path) == on_disk
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["safetensors", "rename", "exchange"])
+def test_41_disk_error_during_save(adapted, saved, tmp_path, monkeypatch, where):
+    """A save over an existing adapter fails midway: the old adapter stays byte for byte, no temp folder is left."""
+    import lora_fx.adapter_file as af
+
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_A.add_(1.0)  # the new save would differ from the old files
+    if where == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    elif where == "rename":
+        monkeypatch.setattr(af, "_exchange", lambda a, b: False)  # the non-Linux path: rename aside, rename in
+        monkeypatch.setattr(os, "rename", _disk_full)
+    else:
+        monkeypatch.setattr(af, "_exchange", _disk_full)
+    before = state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, saved[0]), "saving failed",
+           "No space left", str(saved[0]))
+    monkeypatch.undo()
+    assert files(tmp_path) == saved[1]
+    assert_unchanged(adapted, before)
+
+
+# ------------------------------------------------------------------------------------------------ ONNX files
+@pytest.mark.parametrize("content", [b"not onnx at all \x00\x01", b"", b"\x08\x07" * 3])
+def test_42_verify_a_file_that_is_not_onnx(tmp_path, content):
+    (tmp_path / "bad.onnx").write_bytes(content)
+    on_disk = files(tmp_path)
+    expect(lora_fx.VerifyError, lambda: lora_fx.verify_onnx(tmp_path / "bad.onnx", tmp_path / "bad.onnx"),
+           "not a valid ONNX model", "bad.onnx")
+    assert files(tmp_path) == on_disk
+
+
+def test_43_verify_a_missing_file(tmp_path):
+    expect(lora_fx.VerifyError, lambda: lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx"),
+           "does not exist", "base.onnx")
+    assert files(tmp_path) == {}
+
+
+def test_44_parity_on_a_file_that_is_not_onnx(mlp, tmp_path):
+    model, args = mlp
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    expect(lora_fx.LoraFxError, lambda: lora_fx.check_parity(tmp_path / "bad.onnx", model, args, device="cpu"),
+           "bad.onnx")
+
+
+def test_45_parity_on_a_missing_file(mlp, tmp_path):
+    model, args = mlp
+    expect(lora_fx.InputError, lambda: lora_fx.check_parity(tmp_path / "no.onnx", model, args, device="cpu"),
+           "does not exist", "no.onnx")
+
+
+@pytest.mark.parametrize("inputs", [(torch.randn(3, 5),), (torch.randn(4, 8), torch.randn(4, 8)), ("abc",)])
+def test_46_export_with_inputs_of_the_wrong_shape(mlp, tmp_path, inputs):
+    model, _ = mlp
+    before = state(model)
+    expect(lora_fx.InputError, lambda: lora_fx.export_onnx(model, tmp_path / "m.onnx", inputs), "do not fit",
+           "TinyMLP.forward")
+    assert_unchanged(model, before)
+    assert files(tmp_path) == {}
+
+
+def test_47_export_not_a_module(tmp_path):
+    expect(lora_fx.InputError, lambda: lora_fx.export_onnx("m", tmp_path / "m.onnx", (torch.ones(1, 8),)), "str")
+    assert files(tmp_path) == {}
+
+
+def test_48_export_where_the_parent_is_a_regular_file(mlp, tmp_path):
+    model, args = mlp
+    (tmp_path / "blocker").write_text("x")
+    on_disk = files(tmp_path)
+    expect(lora_fx.ExportError, lambda: lora_fx.export_onnx(model, tmp_path / "blocker" / "m.onnx", args),
+           "not a directory", "blocker")
+    assert files(tmp_path) == on_disk
+
+
+def test_49_export_to_a_directory_path(mlp, tmp_path):
+    model, args = mlp
+    (tmp_path / "out").mkdir()
+    on_disk = files(tmp_path)
+    expect(lora_fx.ExportError, lambda: lora_fx.export_onnx(model, tmp_path / "out", args), "is a directory")
+    assert files(tmp_path) == on_disk
+
+
+def test_50_disk_error_while_moving_the_export_into_place(mlp, tmp_path, monkeypatch):
+    model, args = mlp
+    (tmp_path / "m.onnx").write_bytes(b"previous export")
+    on_disk, before = files(tmp_path), state(model)
+    monkeypatch.setattr(os, "replace", _disk_full)
+    try:
+        expect(lora_fx.ExportError, lambda: lora_fx.export_onnx(model, tmp_path / "m.onnx", args),
+               "No space left", "m.onnx")
+    finally:
+        monkeypatch.undo()
+        assert files(tmp_path) == on_disk  # the previous file kept, no temp folder left
+        assert_unchanged(model, before)
