@@ -81,7 +81,33 @@ def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r,
                        example_inputs=example_inputs, example_kwargs=example_kwargs)
     decisions = decide(sites, rules, defaults)
     decisions = _resolve_tied(decisions, tied_weights(model), rules is not None, untie, traced.frontend)
+    decisions = _one_lora_per_weight(decisions)
     return traced, rules, sites, decisions
+
+
+def _one_lora_per_weight(decisions: list[Decision]) -> list[Decision]:
+    """fold writes W0 + delta into the one tensor, so every linear site of an adapted weight must carry its LoRA.
+
+    A site of an adapted weight that no rule selected (DeBERTa's query_proj on its relative-position path under
+    Rule(role="attn.q"); an nn.Linear also called through F.linear) gets the weight's LoRA too; one that a rule
+    explicitly excludes raises, since folding would change it anyway."""
+    first: dict[str, Decision] = {}
+    for d in decisions:
+        if d.adapted:
+            first.setdefault(d.site.weight, d)
+    out = []
+    for d in decisions:
+        chosen = first.get(d.site.weight)
+        if chosen is not None and not d.adapted:
+            if d.rule_index is not None:  # a rule matched this site and excluded it
+                raise RuleError(
+                    f"weight {d.site.weight!r} gets a LoRA at {chosen.site.node} but rule {d.rule_index} excludes "
+                    f"its other site {d.site.node}: one weight has one LoRA, applied at every site that uses it",
+                    where=d.site.name, fix="exclude every site of this weight or none of them (lora_fx.plan lists them)")
+            d = replace(d, rule_index=chosen.rule_index, settings=chosen.settings, rows=chosen.rows,
+                        reason=f"same weight as {chosen.site.node}: one LoRA per weight, applied at every site")
+        out.append(d)
+    return out
 
 
 def plan(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, example_inputs: tuple | None = None,

@@ -347,12 +347,11 @@ class LinearTwoWays(nn.Module):
         return self.proj(x) + F.linear(y, self.proj.weight)
 
 
-PARTIAL_BUG = ("rules that select only some sites of a weight (Rule(op=...), Rule(role=...)) give it a LoRA at "
-               "those sites, but fold writes W0 + delta for all of them: the other sites change silently")
+# Was a bug (rules selecting only some sites of a weight gave a silently different fold); fixed in api.py by
+# giving every linear site of an adapted weight its LoRA.
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-@pytest.mark.xfail(strict=True, reason=PARTIAL_BUG)
 def test_rule_selecting_some_sites_of_a_weight_folds_exactly(frontend):
     """Either every site of the weight gets its LoRA, or adapt refuses; never a silent difference after fold."""
     torch.manual_seed(0)
@@ -368,7 +367,6 @@ def test_rule_selecting_some_sites_of_a_weight_folds_exactly(frontend):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=PARTIAL_BUG + " (DeBERTa: query_proj's relative-position site has no role)")
 def test_deberta_role_rule_folds_exactly():
     model, args, kwargs = Z.deberta_v2()
     try:
