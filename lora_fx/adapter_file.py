@@ -619,7 +619,6 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                                where=f"{directory}" + (f" ({e.where})" if e.where else ""),
                                fix="use the model (same architecture and widths) the adapter was trained on") from e
     gm, container, _ = lora_modules(adapted)
-    container.train(gm.training)  # new LoRA modules start in training mode: follow the model's eval/train mode
     found = {lora_id(lora) for lora in container.values()}
     not_found = [w for w in weights if w not in found]
     if strict and not_found:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lora_fx.errors import ExportError, InputError
+from lora_fx.passes.trace import eval_mode
 
 #: ONNX opset of every export. 20 is the default of the dynamo exporter in torch 2.9 through 2.13; stating it keeps
 #: base and merged exports comparable even if a later torch changes its default.
@@ -65,7 +66,7 @@ def export_onnx(
     example_kwargs = dict(example_kwargs or {})
 
     with _output_dir(path) as tmp_dir:
-        with _eval_mode(model):
+        with eval_mode(model):
             _check_inputs_fit(model, example_inputs, example_kwargs)
             if dynamic_shapes is None and dynamic:
                 dynamic_shapes = _batch_sequence_shapes(model, example_inputs, example_kwargs)
@@ -102,21 +103,6 @@ def _output_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
         yield tmp_dir
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put `model` in eval mode and restore every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass  # torch.export's unlifted modules refuse eval(); their graph is fixed at export time anyway
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -203,7 +189,7 @@ def _quiet() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*torchvision.*")
             # inputs sharing a dim (batch of ids and mask) share one ONNX dim name; that is what we want
             warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
-            # torch.export's unlifted modules cannot be put in eval mode (see _eval_mode); the warning is moot
+            # torch.export's unlifted modules cannot be put in eval mode (see passes.trace.eval_mode); the warning is moot
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             yield
     finally:

@@ -180,7 +180,6 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
                                    f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
                                ) from e
     gm, container, state = lora_modules(adapted)
-    container.train(gm.training)  # new LoRA modules start in training mode: follow the model's eval/train mode
     module_of = {w: site.module for w, site in sites_by_weight(state).items()}
     by_module: dict[str, list[str]] = {}
     for lora in container.values():

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from lora_fx.errors import InputError, LoraFxError
+from lora_fx.passes.trace import eval_mode
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -337,15 +338,8 @@ def _flatten(value: Any) -> list[Any]:
 
 def _torch_outputs(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[list[np.ndarray], set[str]]:
     """The module's tensor outputs (eval mode, no grad) flattened to numpy, and their precisions; flags restored."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        with contextlib.suppress(NotImplementedError):  # exported (unlifted) modules refuse eval()
-            module.eval()
-        with torch.no_grad():
-            result = module(*args, **kwargs)
-    finally:
-        for m, training in flags:
-            m.training = training
+    with eval_mode(module), torch.no_grad():
+        result = module(*args, **kwargs)
     tensors = [leaf for leaf in _flatten(result) if isinstance(leaf, torch.Tensor)]
     precisions = {str(t.dtype).removeprefix("torch.") if t.is_floating_point() else "integer" for t in tensors}
     precisions = {p if p in DEFAULT_TOLERANCES else "float32" for p in precisions}

@@ -34,9 +34,12 @@ class TraceResult(PassResult):
 # ---------------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Eval mode inside the block; every submodule's own training flag restored afterwards."""
+    """Eval mode inside the block; every submodule's own training flag restored afterwards.
+
+    Sets the flags directly rather than calling .eval(): torch.export's unlifted modules refuse .eval()."""
     flags = {m: m.training for m in model.modules()}
-    model.eval()
+    for m in flags:
+        m.training = False
     try:
         yield
     finally:
