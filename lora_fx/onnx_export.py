@@ -51,7 +51,8 @@ def export_onnx(
 ) -> pathlib.Path:
     """Export `model` to the ONNX file `path` and return the path.
 
-    The export runs in eval mode with ``torch.onnx.export(dynamo=True, optimize=True, opset_version=OPSET)``.
+    The export runs in eval mode with ``torch.onnx.export(dynamo=True, opset_version=OPSET)`` and onnxscript's
+    default optimisation except value-based initializer deduplication (see ``_optimize``).
     ``dynamic=True`` makes the first two dims of every tensor input dynamic (named ``batch`` and ``sequence``);
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
     ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
@@ -145,25 +146,72 @@ def _export(
     """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError."""
     try:
         with _quiet():
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 args,
-                str(target),
                 kwargs=kwargs or None,
                 dynamo=True,
-                optimize=True,
+                optimize=False,  # _optimize below: the exporter's optimisation minus value-based deduplication
                 opset_version=OPSET,
                 dynamic_shapes=dynamic_shapes,
-                external_data=False,  # the exporter still switches to external data for models over ~1.5 GB
                 verbose=False,
                 report=False,
             )
+            _optimize(program.model)
+            program.save(str(target), external_data=False)  # still external for models over ~1.5 GB
     except Exception as err:
         raise ExportError(
             f"torch.onnx.export failed for {type(model).__name__}: {_summary(err)}", where=str(path), fix=_export_fix(err)
         ) from err
     if not target.is_file():
         raise ExportError("torch.onnx.export returned without writing a file", where=str(path), fix="report this as a bug")
+
+
+def _optimize(model) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs (onnxscript's ``optimize_ir``), except that weight matrices
+    are never merged by value (see ``_deduplicate_constants``)."""
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer, rewriter
+
+    cleanup = [common.RemoveUnusedNodesPass, common.RemoveUnusedFunctionsPass, common.RemoveUnusedOpsetsPass]
+    common.InlinePass()(model)
+    for _ in range(2):  # optimize_ir's default num_iterations
+        optimizer.fold_constants_ir(model, onnx_shape_inference=True)
+        rewriter.rewrite(model)
+        for cleanup_pass in cleanup:
+            cleanup_pass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.LiftSubgraphInitializersToMainGraphPass()(model)
+    _deduplicate_constants(model)
+    common.CommonSubexpressionEliminationPass()(model)
+    for name in ("OutputFixPass", "NameFixPass"):  # newer onnx_ir only
+        if hasattr(common, name):
+            getattr(common, name)()(model)
+
+
+def _deduplicate_constants(model, size_limit: int = 1024) -> None:
+    """onnx_ir's DeduplicateInitializersPass (one initializer for equal tensors of <= 1024 elements), sparing
+    floating-point tensors of 2 or more dims: weight matrices and what constant folding made of them (W.T).
+
+    Merging those by value would make the export's structure depend on weight values: a fresh model whose layers
+    are deep copies would export with shared weights, and the same model after a LoRA fold (weights now differ)
+    with separate ones, and verify would call them different. Shapes, scalars, norms' weights and biases are
+    merged as usual; models of real size have no weight matrix that small, so their export is the exporter's."""
+    for graph in model.graphs():
+        first: dict[tuple, Any] = {}
+        for init in tuple(graph.initializers.values()):
+            value = init.const_value
+            if (value is None or value.size > size_limit or value.dtype.is_string()
+                    or (value.dtype.is_floating_point() and len(value.shape) >= 2)
+                    or init.is_graph_input() or init.is_graph_output()):
+                continue
+            key = (value.dtype, tuple(value.shape), value.tobytes())
+            if key in first:
+                init.replace_all_uses_with(first[key])
+                graph.initializers.pop(init.name)
+            else:
+                first[key] = init
 
 
 def _move_into_place(tmp_dir: pathlib.Path, path: pathlib.Path) -> None:
