@@ -72,6 +72,28 @@ def _resolve_tied(decisions: list[Decision], tied: dict[str, list[str]], rules_g
     return out
 
 
+def _refuse_other_readers(decisions: list[Decision], rules_given: bool) -> list[Decision]:
+    """A weight that another op reads under the same name (an embedding table reused by an output projection)
+    cannot carry a LoRA: fold writes W0 + delta into the one tensor, which changes that op too, and there is no
+    second name to untie to. rules=None skips such weights with a warning; a rule that selects one raises."""
+    out = []
+    for d in decisions:
+        readers = d.site.other_readers
+        if not d.adapted or not readers:
+            out.append(d)
+            continue
+        if rules_given:
+            raise RuleError(
+                f"weight {d.site.weight!r} is also read by {list(readers)} (not a linear site): folding a LoRA into "
+                f"it would change what they compute too", where=d.site.name,
+                fix=f"exclude it (Rule(name={d.site.name!r}, exclude=True)); to adapt it, give the model a separate "
+                    f"parameter for this use")
+        warnings.warn(f"lora_fx: skipping {d.site.weight!r}: it is also read by {list(readers)}, which a fold would "
+                      f"change", stacklevel=4)
+        out.append(replace(d, settings=None, reason=f"also read by {list(readers)}: skipped"))
+    return out
+
+
 def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r, alpha, dropout, trace_options,
                       untie: bool = False):
     rules = coerce_rules(rules)
@@ -81,6 +103,7 @@ def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r,
                        example_inputs=example_inputs, example_kwargs=example_kwargs)
     decisions = decide(sites, rules, defaults)
     decisions = _resolve_tied(decisions, tied_weights(model), rules is not None, untie, traced.frontend)
+    decisions = _refuse_other_readers(decisions, rules is not None)
     decisions = _one_lora_per_weight(decisions)
     return traced, rules, sites, decisions
 
@@ -127,7 +150,8 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     """Trace `model` and add LoRA beside every site the rules choose (rules=None: every linear-like site).
 
     Returns a GraphModule that shares the model's weights (no copies). Base parameters are frozen
-    (requires_grad=False); nothing else in the model changes. r/alpha/dropout are the defaults for rule fields
+    (requires_grad=False); nothing else in the model changes. The base runs as in eval mode (BatchNorm statistics
+    fixed, its dropout off) in both front ends; .train()/.eval() switch only the LoRA branches' dropout. r/alpha/dropout are the defaults for rule fields
     left unset. untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
     fold then gives the adapted use its own copy. A rule that decides no site is a warning, or a RuleError with
     strict=True. trace_options: leaf_modules=, open_modules=, concrete_args=.
@@ -153,6 +177,8 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
             raise RuleError(message, where=f"rules[{i}]", fix="fix or remove the rule (lora_fx.plan lists the sites)")
         warnings.warn(f"lora_fx: {message}", stacklevel=2)
     gm = traced.graph_module
+    mode = model.training
+    inject_pass.keep_base_in_eval(gm)
     state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
     state.rules[inject_pass.DEFAULT], state.defaults[inject_pass.DEFAULT] = rules, _defaults(r, alpha, dropout)
     inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
@@ -161,6 +187,7 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     for name, p in gm.named_parameters():  # freeze the base: every parameter outside the LoRA container
         if not name.startswith(inject_pass.CONTAINER + "."):
             p.requires_grad_(False)
+    gm.train(mode)  # the user's mode, for the LoRA branches; the base stays in eval (keep_base_in_eval)
     return gm
 
 

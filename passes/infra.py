@@ -59,11 +59,45 @@ def first_difference(expected: list[tuple], actual: list[tuple]) -> str | None:
 
 
 def clone_graph_module(gm: fx.GraphModule, class_name: str | None = None) -> fx.GraphModule:
-    """A new GraphModule over a copy of gm's graph that shares gm's submodules and parameters (no weight copies)."""
+    """A new GraphModule over a copy of gm's graph with its own module objects over gm's tensors (no weight
+    copies): the two share parameters and buffers, never a module, so .train()/.eval() on one leaves the other."""
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=class_name or type(gm).__name__)
-    new.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if k != "lora_fx"}
-    new.train(gm.training)
+    own_module_tree(new)
+    new.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if k not in ("lora_fx", _PRESERVED)}
+    new.training = gm.training
     return new
+
+
+_PRESERVED = "_user_preserved_attributes"  # gm.meta key whose attributes GraphModule.__deepcopy__ carries over
+
+
+def own_module_tree(root: torch.nn.Module) -> None:
+    """Replace every submodule of `root` by a shallow clone (own parameter/buffer/child dicts, same tensors).
+
+    GraphModule(root, graph) reuses the traced model's leaf module objects, so a mode switch or a module swap on
+    the GraphModule would reach the user's model; after this only the tensors are shared."""
+    for name, child in list(root._modules.items()):
+        if child is None:
+            continue
+        clone = _shallow_clone(child)
+        own_module_tree(clone)
+        root._modules[name] = clone
+
+
+def _shallow_clone(module: torch.nn.Module) -> torch.nn.Module:
+    """The same module over the same tensors, with its own parameter/buffer/child dicts and training flag."""
+    clone = object.__new__(type(module))  # not copy.copy: a GraphModule's __reduce__ would recompile it
+    clone.__dict__ = dict(module.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        clone.__dict__[attr] = type(module.__dict__[attr])(module.__dict__[attr])
+    return clone
+
+
+def preserve_on_deepcopy(gm: fx.GraphModule, name: str, value: Any) -> None:
+    """Set gm.<name> = value so that copy.deepcopy(gm) keeps it (GraphModule.__deepcopy__ rebuilds the module
+    and keeps only what gm.meta["_user_preserved_attributes"] lists)."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_PRESERVED, {})[name] = value
 
 
 def set_parameter_copy_on_write(root: torch.nn.Module, qualified_name: str, value: torch.Tensor) -> None:
@@ -75,11 +109,7 @@ def set_parameter_copy_on_write(root: torch.nn.Module, qualified_name: str, valu
     *path, leaf = qualified_name.split(".")
     parent = root
     for name in path:
-        child = parent._modules[name]
-        clone = copy.copy(child)
-        clone._parameters = type(child._parameters)(child._parameters)
-        clone._buffers = type(child._buffers)(child._buffers)
-        clone._modules = type(child._modules)(child._modules)
+        clone = _shallow_clone(parent._modules[name])
         parent._modules[name] = clone
         parent = clone
     parent._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)

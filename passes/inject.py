@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import fx, nn
 
 from lora_fx.errors import RuleError
 from lora_fx.lora import LoraLinear
-from lora_fx.passes.infra import PassResult, graph_signature
+from lora_fx.passes.infra import PassResult, graph_signature, own_module_tree, preserve_on_deepcopy
 from lora_fx.rules import Decision, LoraSettings
 from lora_fx.site import Site
 
@@ -140,6 +141,30 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(units), changes)
+
+
+def keep_base_in_eval(gm: fx.GraphModule) -> None:
+    """Make the base part of `gm` run as at inference whatever .train()/.eval() say; only LoRA branches follow.
+
+    Why: torch.export bakes the base's eval mode into its graph, so this is the one behaviour both front ends can
+    share; the base is frozen, so its BatchNorm statistics must not drift and its dropout has nothing to
+    regularise; and the user's model, whose tensors gm shares, must not change mode or statistics.
+    gm gets its own module objects first (symbolic tracing reuses the user's leaf modules)."""
+    own_module_tree(gm)
+    for module in gm.modules():
+        module.training = False
+    preserve_on_deepcopy(gm, "train", types.MethodType(_train_lora_branches, gm))
+
+
+def _train_lora_branches(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    """nn.Module.train for an adapted GraphModule: sets self.training and the LoRA containers' mode only."""
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")
+    self.training = mode
+    for name, child in self.named_children():
+        if name == CONTAINER or name.startswith(CONTAINER + "_"):
+            child.train(mode)
+    return self
 
 
 def lora_state(gm) -> LoraState | None:

@@ -5,6 +5,7 @@ The ops it knows, as a table (node op, target) -> (op kind, where x is, where W 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 
@@ -116,4 +117,22 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]
             site = _site(gm, model, node, *METHOD_PATTERNS[node.target])
         if site is not None:
             sites.append(site)
-    return sites
+    return _with_other_readers(gm, sites)
+
+
+def _with_other_readers(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
+    """Fill Site.other_readers: nodes that use a site's weight in any way other than as a site's weight
+    argument. A get_attr of the weight feeding another op (torch.export's aten.embedding on the table), or a
+    call of a module that owns it (symbolic tracing's nn.Embedding leaf), would see the folded weight too."""
+    site_nodes = {s.node for s in sites}
+    weights = {s.weight for s in sites}
+    readers: dict[str, list[str]] = {w: [] for w in weights}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in weights:
+            readers[node.target] += [u.name for u in node.users if u.name not in site_nodes]
+        elif node.op == "call_module" and node.name not in site_nodes:
+            for w in weights:
+                if w.startswith(f"{node.target}."):
+                    readers[w].append(node.name)
+    return [dataclasses.replace(s, other_readers=tuple(readers[s.weight])) if readers[s.weight] else s
+            for s in sites]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -95,14 +94,15 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualified_name)
 
 
-def hidden_linear_modules(gm: fx.GraphModule) -> list[str]:
-    """Leaf modules in a symbolic-trace graph that hold linear weights the match pass cannot see."""
-    hidden = []
+def hidden_linear_modules(gm: fx.GraphModule, kept_closed: Iterable = ()) -> list[str]:
+    """Leaf modules in a symbolic-trace graph that hold linear weights the match pass cannot see. Modules the
+    user kept closed on purpose (leaf_modules=) do not count: they are not hidden, they are excluded."""
+    hidden, kept_closed = [], list(kept_closed)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or _Tracer._selected(module, node.target, kept_closed):
             continue
         if isinstance(module, nn.MultiheadAttention) or any(isinstance(m, nn.Linear) for m in module.modules()):
             hidden.append(node.target)
@@ -121,27 +121,6 @@ def trace_fx(model: nn.Module, *, leaf_modules=(), open_modules=(), concrete_arg
     tracer = _Tracer(leaf_modules, open_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-
-
-def warn_if_mode_dependent(model: nn.Module, gm: fx.GraphModule, leaf_modules, open_modules, concrete_args) -> bool:
-    """Symbolic tracing bakes `self.training` branches into the graph: warn when the other mode traces differently."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.train(not model.training)
-        other = trace_fx(model, leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
-    except Exception:  # the other mode does not trace at all: nothing to compare
-        return False
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    if graph_signature(other.graph) == graph_signature(gm.graph):
-        return False
-    mode = "train" if model.training else "eval"
-    warnings.warn(f"lora_fx: the traced graph of {type(model).__name__} differs between train and eval mode (its "
-                  f"forward branches on self.training, e.g. F.dropout(training=self.training)); the adapted graph keeps "
-                  f"{mode} mode whatever .train()/.eval() says. Adapt the model in the mode you will train it in.",
-                  UserWarning, stacklevel=4)
-    return True
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -193,7 +172,7 @@ def drop_dtype_asserts(gm: fx.GraphModule) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- the pass
-def _hint(fx_error: str | None, export_error: str | None) -> str:
+def _hint(fx_error: str | None, export_error: str | None, have_inputs: bool = False) -> str:
     text = f"{fx_error or ''} {export_error or ''}"
     hints = []
     if "co_varnames" in text or "**kwargs" in text:
@@ -208,7 +187,8 @@ def _hint(fx_error: str | None, export_error: str | None) -> str:
         hints.append("the model branches on tensor values: make that branch static (config flag) or mark "
                      "the module as a leaf for symbolic tracing")
     if export_error is None and fx_error is not None:
-        hints.append("torch.export needs example_inputs: pass them so lora_fx can try it")
+        hints.append("try frontend='export' (or 'auto', which falls back to it)" if have_inputs else
+                     "torch.export needs example_inputs: pass them so lora_fx can try it")
     return "; ".join(hints) or ("open or close modules with leaf_modules=/open_modules=, or try the other front "
                                 "end with frontend='fx' or 'export'")
 
@@ -237,13 +217,13 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
     changes: list[str] = []
     if frontend in ("auto", "fx"):
         try:
-            gm = trace_fx(model, leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
+            with eval_mode(model):  # the base is traced as it runs under LoRA: in eval mode (inject.keep_base_in_eval)
+                gm = trace_fx(model, leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
             if reference is not None:
                 with torch.no_grad(), eval_mode(gm):
                     if not _outputs_match(gm(*args, **kwargs), reference):
                         raise TraceError("the symbolically traced graph computes something else than the model")
-            warn_if_mode_dependent(model, gm, leaf_modules, open_modules, concrete_args)
-            hidden = hidden_linear_modules(gm)
+            hidden = hidden_linear_modules(gm, kept_closed=leaf_modules)
             if frontend == "fx" or not hidden or not have_inputs:
                 changes.append("traced with torch.fx symbolic tracing")
                 if hidden:
@@ -254,7 +234,7 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
             fx_error = f"{type(e).__name__}: {e}"
             if frontend == "fx":
                 raise TraceError(f"torch.fx symbolic tracing failed: {fx_error}", where=type(model).__name__,
-                                 fix=_hint(fx_error, None)) from e
+                                 fix=_hint(fx_error, None, have_inputs)) from e
     if not have_inputs:
         raise TraceError(f"torch.fx symbolic tracing failed: {fx_error}" if fx_error else
                          "torch.export needs example inputs", where=type(model).__name__,

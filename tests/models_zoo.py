@@ -359,18 +359,8 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in ZOO} | EXTRAS
 
 
 # Bugs this matrix found (reported with a repro and a proposed fix), and the cases they make fail today.
-BUGS = {
-    "export-dedup": "export_onnx's optimize=True merges initializers of equal VALUE (DeduplicateInitializersPass): "
-                    "a fresh nn.TransformerEncoder's layers are deep copies, so the base export shares one out_proj "
-                    "weight between layers while the merged export (weights now differ) has two",
-    "fx-base-train": "fx front end: adapted.train() puts the base model in train mode too, so LoRA training updates "
-                     "the user's BatchNorm running statistics (and runs its dropout); torch.export bakes the base "
-                     "in eval mode: the two front ends train different things",
-}
-KNOWN_BUGS: dict[str, str] = {  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
-    "onnx:torch-transformer_encoder-export": "export-dedup",
-    **{f"{k}:{c}": "fx-base-train" for k in ("fx", "onnx") for c in ("timm-resnet18-fx", "torch-conv_bn-fx")},
-}
+BUGS: dict[str, str] = {}  # bug id -> what is wrong; empty: every bug this matrix found is fixed
+KNOWN_BUGS: dict[str, str] = {}  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline

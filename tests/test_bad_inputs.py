@@ -219,13 +219,17 @@ def test_10_model_that_no_front_end_traces():
     assert_unchanged(model, before)
 
 
-def test_11_trace_differs_between_train_and_eval():
-    """Not an error (F.dropout(training=self.training) is common), but said loudly: the graph keeps one mode."""
+def test_11_model_in_train_mode_with_a_mode_dependent_forward():
+    """Not an error: adapt traces the base as in eval mode (F.dropout(training=self.training) is common) and says
+    nothing; the model keeps its mode."""
     torch.manual_seed(0)
-    model, x = ModeDependent().eval(), torch.randn(2, 8)
-    before = state(model)
-    with pytest.warns(UserWarning, match="ModeDependent differs between train and eval mode"):
-        lora_fx.adapt(model, example_inputs=(x,), r=2, frontend="fx")
+    model, x = ModeDependent().train(), torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapted = lora_fx.adapt(model, example_inputs=(x,), r=2, frontend="fx")
+    assert model.training
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model.fc(x), rtol=0, atol=0)  # the eval branch (no "* 2")
     assert not any(p.requires_grad for p in model.parameters())  # adapt went through (and froze the base)
 
 
