@@ -27,7 +27,7 @@ import difflib
 import fnmatch
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
 from lora_fx.errors import RuleError

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import InputError, TraceError
-from lora_fx.passes.infra import PassResult, clone_graph_module, graph_signature
+from lora_fx.passes.infra import PassResult, clone_graph_module
 
 FRONTENDS = ("auto", "fx", "export")
 
