@@ -283,10 +283,15 @@ def make_loss_fn(model, device_type: str):
 
 
 def sdpa_report(gm) -> dict:
-    """How the traced graph calls SDPA: with a materialized mask or is_causal (flash attention needs the latter)."""
+    """How the traced graph calls SDPA: with a materialized mask or is_causal (flash attention needs the latter).
+    Calls that lora_fx's causal-attention pass rewrote (causal_or_masked) run with is_causal=True."""
     n = masked = causal = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+        if node.op != "call_function":
+            continue
+        if getattr(node.target, "__name__", "") == "causal_or_masked":
+            n, causal = n + 1, causal + 1
+        elif "scaled_dot_product_attention" in str(node.target):
             n += 1
             mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
             is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)

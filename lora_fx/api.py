@@ -19,6 +19,7 @@ from torch import fx, nn
 from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
+from lora_fx.passes.causal_attention import use_causal_attention
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
 from lora_fx.passes.trace import trace
@@ -146,7 +147,8 @@ def plan(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, exampl
 
 def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, example_inputs: tuple | None = None,
           example_kwargs: dict | None = None, frontend: str = "auto", r: int = 8, alpha: float = 16.0,
-          dropout: float = 0.0, untie: bool = False, strict: bool = False, **trace_options: Any) -> fx.GraphModule:
+          dropout: float = 0.0, untie: bool = False, strict: bool = False, causal_attention: bool = True,
+          **trace_options: Any) -> fx.GraphModule:
     """Trace `model` and add LoRA beside every site the rules choose (rules=None: every linear-like site).
 
     Returns a GraphModule that shares the model's weights (no copies). Base parameters are frozen
@@ -154,7 +156,9 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     fixed, its dropout off) in both front ends; .train()/.eval() switch only the LoRA branches' dropout. r/alpha/dropout are the defaults for rule fields
     left unset. untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
     fold then gives the adapted use its own copy. A rule that decides no site is a warning, or a RuleError with
-    strict=True. trace_options: leaf_modules=, open_modules=, concrete_args=.
+    strict=True. causal_attention=True lets attention whose traced mask is provably plain causal run as
+    SDPA(is_causal=True) while training (the flash kernel; torch.export graphs only; fold restores the mask:
+    passes/causal_attention.py). trace_options: leaf_modules=, open_modules=, concrete_args=.
     On any error the model is left exactly as it was.
     """
     traced, rules, sites, decisions = _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend,
@@ -182,6 +186,8 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
     state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
     state.rules[inject_pass.DEFAULT], state.defaults[inject_pass.DEFAULT] = rules, _defaults(r, alpha, dropout)
     inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
+    if causal_attention and traced.frontend == "export":
+        use_causal_attention(gm)
     state.untied = {d.site.weight for d in decisions if d.adapted and d.site.weight in tied_weights(model)}
     gm.meta["lora_fx"] = state
     for name, p in gm.named_parameters():  # freeze the base: every parameter outside the LoRA container

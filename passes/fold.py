@@ -20,6 +20,7 @@ from torch import fx
 from lora_fx.errors import FoldError
 from lora_fx.passes.infra import PassResult, clone_graph_module, first_difference, graph_signature, \
     set_parameter_copy_on_write
+from lora_fx.passes.causal_attention import restore_attention
 from lora_fx.passes.inject import ADD, BRANCH, container_name, lora_state
 
 
@@ -103,6 +104,7 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
 
     target = gm if inplace else clone_graph_module(gm)
     removed = strip_lora_nodes(target.graph)
+    restored = restore_attention(target.graph)  # SDPA calls adapt switched to is_causal get their mask back
     difference = first_difference(state.original_graph, graph_signature(target.graph))
     if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
         raise FoldError(f"the folded graph differs from the traced original: {difference}",
@@ -121,6 +123,7 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
         target.meta.pop("lora_fx", None)
     target.recompile()
     changes = [f"folded the LoRA of {name}" for name in folded] + [f"removed {removed} LoRA nodes"]
+    changes += [f"restored {restored} masked attention calls"] if restored else []
     return PassResult(target, True, changes)
 
 
