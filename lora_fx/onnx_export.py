@@ -72,6 +72,7 @@ def export_onnx(
             if dynamic_shapes is None and dynamic:
                 dynamic_shapes = _batch_sequence_shapes(model, example_inputs, example_kwargs)
             if dtype is not None:
+                _warn_if_traced_dtype(model, dtype)
                 model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
             _export(model, tmp_dir / path.name, example_inputs, example_kwargs, dynamic_shapes, path)
         try:
@@ -133,6 +134,20 @@ def _cast(
         return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
     return cast, _map_structure(cast_value, args), _map_structure(cast_value, kwargs)
+
+
+def _warn_if_traced_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A torch.export graph (aten ops) keeps the dtype casts it was traced with: casting its weights to another
+    dtype can leave mixed-type ops (ONNX Runtime then refuses the file). Say so before exporting."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return
+    traced = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if traced - {dtype} and any(isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes):
+        warnings.warn(
+            f"lora_fx: export_onnx(dtype={dtype}) of a torch.export graph traced with {sorted(map(str, traced))} "
+            f"weights: the graph keeps the casts it was traced with, so the file may mix dtypes. To change dtype, "
+            f"load the folded weights into your model (model.load_state_dict(merged.state_dict())) and export that.",
+            UserWarning, stacklevel=3)
 
 
 def _export(
