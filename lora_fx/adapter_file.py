@@ -9,6 +9,10 @@ a LoRA on row slices of a packed weight adds its rows: "h.0.attn.c_attn.weight[0
 depends neither on the front end that traced the model nor on lora_fx's internal module keys.
 Nothing is ever unpickled: tensors are read with safetensors, settings with json.
 
+Under FSDP2 (torch.distributed.fsdp.fully_shard) A and B are sharded DTensors: save_adapter is then a collective
+that every rank calls (each tensor is gathered whole, and rank 0 writes), as torch.distributed.checkpoint's
+get_model_state_dict(full_state_dict=True) is; load_adapter gives each rank its own shard of the file's tensors.
+
 A save is atomic: both files are written into a temporary folder beside the target, flushed to disk, and the folder
 then takes the target's place in one step (an atomic directory exchange on Linux). A save that fails or is killed
 leaves the previous adapter as it was; a failed save removes its temporary folder, and the temporary folder of a
@@ -61,6 +65,15 @@ def unwrap(module: Any) -> Any:
             return module
         module, seen = inner, seen + 1
     return module
+
+
+def dtensor_type() -> type | None:
+    """torch.distributed.tensor.DTensor (what FSDP2's fully_shard makes parameters into), or None where this torch
+    has no distributed support."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
 
 
 def _container_name(adapter: str) -> str:
@@ -402,9 +415,14 @@ def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dic
             + "\n  - ".join(shown), where=source,
             fix="adapt the same model with the same rules as when the adapter was saved (lora_fx.adapt_from_adapter "
                 "does this from the file), or pass strict=False to load only the weights both have")
+    dtensor = dtensor_type()
     with torch.no_grad():
         for param, t in copies:
-            param.copy_(t.to(device=param.device, dtype=param.dtype))
+            t = t.to(device=param.device, dtype=param.dtype)
+            if dtensor is not None and isinstance(param, dtensor):  # FSDP2: every rank read the whole tensor and
+                from torch.distributed.tensor import distribute_tensor  # keeps its own shard (no communication)
+                t = distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(t)
     return LoadReport(loaded=present, missing=missing, unexpected=unexpected_keys)
 
 
@@ -442,14 +460,26 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
     `directory`/adapter_config.json (per-weight r/alpha/scaling/layout/shape/dtype, the rules, the defaults).
 
     Atomic: the previous adapter in `directory`, if any, is replaced in one step or not at all. Accepts the adapted
-    module itself or a DDP / torch.compile wrapper of it. Under torch.distributed call it on one rank only.
-    adapter: which named adapter to save (lora_fx.add_adapter). Returns the folder's path."""
+    module itself or a DDP / torch.compile wrapper of it. adapter: which named adapter to save (lora_fx.add_adapter).
+    Returns the folder's path.
+
+    Under torch.distributed: with DDP (every rank holds the whole A and B) call it on one rank only. With FSDP2
+    (fully_shard: A and B are sharded DTensors) call it on every rank of the default process group, as
+    torch.distributed.checkpoint's get_model_state_dict(full_state_dict=True): each tensor is gathered whole (a
+    collective), rank 0 alone writes the folder, and every rank returns once it is written or raises
+    AdapterFileError if rank 0 could not write it."""
     gm, container, state = lora_modules(adapted, what="save an adapter from", adapter=adapter)
     weights = _weight_settings(container, state)
+    dtensor = dtensor_type()
+    sharded = dtensor is not None and any(isinstance(p, dtensor) for lora in container.values()
+                                          for p in (lora.lora_A, lora.lora_B))
     tensors = {}
     for lora in container.values():
         for part in ("lora_A", "lora_B"):
-            t = getattr(lora, part).detach().to("cpu").contiguous().clone()
+            t = getattr(lora, part).detach()
+            if sharded and isinstance(t, dtensor):
+                t = t.full_tensor()  # a collective: every rank gathers every tensor, in the same order
+            t = t.to("cpu").contiguous().clone()
             if not torch.isfinite(t).all():
                 raise AdapterFileError(f"{part} of the LoRA on {lora.weight_name!r} holds NaN or Inf; nothing was "
                                        f"saved (load_adapter would refuse the file)", where=f"{lora_id(lora)}.{part}",
@@ -479,7 +509,32 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
         write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata)
         write_json(_jsonable(config), tmp / CONFIG_FILE)
 
-    return atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
+    if not sharded:
+        return atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
+    return _write_on_rank0(directory, write)
+
+
+def _write_on_rank0(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Rank 0 writes the adapter folder; every rank returns its path once written, or raises if rank 0 failed."""
+    import torch.distributed as dist
+
+    path, error = Path(directory).expanduser().absolute(), None
+    if dist.get_rank() == 0:
+        try:
+            path = atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
+        except AdapterFileError as e:
+            error = e
+    # a status tensor, not broadcast_object_list: nothing is unpickled, even between ranks
+    on_cuda = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+    failed = torch.tensor([error is not None], dtype=torch.int32,
+                          device=torch.device("cuda", torch.cuda.current_device()) if on_cuda else "cpu")
+    dist.broadcast(failed, src=0)  # also the barrier: no rank returns before the folder is there
+    if error is not None:
+        raise error
+    if failed.item():
+        raise AdapterFileError("rank 0 could not write the adapter folder", where=str(path),
+                               fix="read rank 0's AdapterFileError for the cause and its fix, then save again on every rank")
+    return path
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

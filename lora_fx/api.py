@@ -287,6 +287,12 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
     adapters: the adapter(s) to fold (default: every enabled one). accumulate_dtype overrides the accumulation.
     """
     _container(adapted)
+    sharded = _sharded_parameters(adapted)
+    if sharded:
+        raise FoldError(f"the adapted module's parameters are sharded DTensors (FSDP2 fully_shard), e.g. {sharded[0]!r}: "
+                        f"a fold needs whole weights", where="fold",
+                        fix="gather first: get_model_state_dict(adapted, options=StateDictOptions(full_state_dict=True)) "
+                            "on every rank, load it into a plain lora_fx.adapt copy of the model, and fold that")
     if inject_pass.lora_state(adapted).merged:
         raise FoldError(f"adapter {inject_pass.lora_state(adapted).merged[-1]!r} is merged in place", where="fold",
                         fix="call lora_fx.unmerge_adapter(adapted) first, or fold with inplace=False after it")
@@ -299,6 +305,14 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
                              fix=f"use one of {sorted(inject_pass.lora_state(adapted).adapters)}")
     return fold_pass.fold(adapted, inplace=inplace, adapters=None if adapters is None else list(adapters),
                           accumulate_dtype=accumulate_dtype).graph_module
+
+
+def _sharded_parameters(module: nn.Module) -> list[str]:
+    """Names of parameters that are DTensors (FSDP2's fully_shard makes every parameter one)."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.tensor import DTensor
+    return [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
 
 
 def _container(adapted: Any) -> nn.ModuleDict:

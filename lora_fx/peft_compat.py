@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, lora_modules, read_json,
-                                  read_safetensors, sites_by_weight, write_json, write_safetensors)
+from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, dtensor_type, lora_modules,
+                                  read_json, read_safetensors, sites_by_weight, write_json, write_safetensors)
 from lora_fx.errors import AdapterFileError, RuleError
 
 PEFT_CONFIG = "adapter_config.json"
@@ -246,6 +246,12 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
     with an equivalent alpha (alpha·sqrt(r)). The write is atomic like save_adapter's.
     adapter: which named adapter to write (lora_fx.add_adapter); PEFT loads it as its "default"."""
     gm, container, state = lora_modules(adapted, what="save a PEFT adapter from", adapter=adapter)
+    dtensor = dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in container.parameters()):
+        raise AdapterFileError("the LoRA weights are sharded DTensors (FSDP2 fully_shard); save_peft_adapter does not "
+                               "gather them", where=type(gm).__name__,
+                               fix="save with lora_fx.adapter_file.save_adapter on every rank, or gather a full state "
+                                   "dict into a plain adapted copy and save that")
     sites = sites_by_weight(state)
     by_module: dict[str, list] = {}
     problems = []

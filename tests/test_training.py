@@ -1,4 +1,5 @@
-"""Training: bf16 mixed precision on CPU, torch.compile(fullgraph=True) with no graph breaks, DDP on 2 CPU processes."""
+"""Training: bf16 mixed precision on CPU, torch.compile(fullgraph=True) with no graph breaks, DDP and FSDP2 on 2 CPU
+processes (gloo)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx.adapter_file import load_adapter, save_adapter
-from lora_fx.errors import LoraFxError
+from lora_fx.errors import AdapterFileError, LoraFxError
 from lora_fx.training import prepare_mixed_precision, train
 
 
@@ -235,3 +236,133 @@ def test_ddp_two_processes_gloo(tmp_path):
     load_adapter(fresh, out / "adapter")
     rank1 = load_file(str(out / "lora_rank1.safetensors"))
     assert all(torch.equal(rank1[k], v) for k, v in lora_fx.lora_state_dict(fresh).items())
+
+
+# -------------------------------------------------------------------------------------------------- FSDP2, 2 processes
+def _fsdp2_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, _ = data(8)
+        adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))  # same seed: same base and A on every rank
+        before = base_params(adapted)
+        lora_init = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        fully_shard(adapted)  # every parameter becomes a DTensor sharded on dim 0: each rank keeps half the rows
+        sharded = all(isinstance(p, DTensor) for p in adapted.parameters())
+        opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=2e-2)
+        batch = data(16, seed=100 + 10 * rank)  # each rank sees other data
+        history, grads_only_lora = [], True
+        for _ in range(8):
+            loss = ce(adapted, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads_only_lora &= all((p.grad is not None) == n.startswith("lora_fx.")
+                                   for n, p in adapted.named_parameters())
+            opt.step()
+            history.append(loss.item())
+        # FSDP2: a forward with grad enabled but no backward leaves the parameters unsharded and stale for the next
+        # steps (a plain module behaves the same), so evaluation runs under no_grad
+        with torch.no_grad():
+            y_fsdp = adapted(x)
+
+        state = lora_fx.lora_state_dict(adapted)  # sharded, as adapted.state_dict() is under FSDP2
+        lora_full = {k: v.full_tensor() for k, v in state.items()}  # a collective: every rank, same order
+        path = save_adapter(adapted, os.path.join(out, "adapter"))  # every rank: gathers; rank 0 writes
+        # rank 0 cannot write (the path is a file): every rank raises, none waits forever
+        blocker = os.path.join(os.path.dirname(out), "blocker")
+        if rank == 0:
+            open(blocker, "w").close()
+        dist.barrier()
+        expected = "the adapter path exists and is not a folder" if rank == 0 else "rank 0 could not write"
+        with pytest.raises(AdapterFileError, match=expected):
+            save_adapter(adapted, blocker)
+
+        # a fresh, non-distributed adapted model with the file loaded holds the gathered A/B and gives the same
+        # outputs: both compute in fp32 with the same values (all-gather copies bits), so only the kernels' summation
+        # order could differ, by a few ulps (outputs are O(1)); in practice the difference is 0
+        fresh = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+        load_adapter(fresh, path)
+        with torch.no_grad():
+            y_fresh = fresh(x)
+        # the file loaded back into a sharded model: each rank takes its own shard
+        fresh_fsdp = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+        fully_shard(fresh_fsdp)
+        load_adapter(fresh_fsdp, path)
+        with torch.no_grad():
+            y_fresh_fsdp = fresh_fsdp(x)
+
+        # fold: gather the full parameters (a collective), load them into a plain copy, fold that. Fold adds
+        # (alpha/r)·B·A into W0 in fp64 and rounds once, while the adapted model adds the branch's fp32 output, so
+        # the two differ by fp32 rounding (~1e-7 here)
+        with pytest.raises(lora_fx.FoldError, match="sharded DTensors"):  # no half-usable sharded fold
+            lora_fx.fold(adapted)
+        with pytest.raises(AdapterFileError, match="sharded DTensors"):
+            lora_fx.save_peft_adapter(adapted, os.path.join(out, f"peft{rank}"))
+        full = get_model_state_dict(adapted, options=StateDictOptions(full_state_dict=True))
+        plain = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+        plain.load_state_dict(full)
+        folded = lora_fx.fold(plain)
+        with torch.no_grad():
+            y_folded = folded(x)
+
+        result = {
+            "history": history,
+            "sharded": sharded,
+            "lora_state_dict_sharded": all(isinstance(v, DTensor) for v in state.values()),
+            "grads_only_lora": bool(grads_only_lora),
+            "lora_changed": any(not torch.equal(lora_init[k], v) for k, v in lora_full.items()),
+            "base_unchanged": all(torch.equal(before[n], p.full_tensor()) for n, p in base_params(adapted).items()),
+            "file_equals_gathered": len(lora_full) == 6 and all(
+                torch.equal(lora_full[k], v) for k, v in lora_fx.lora_state_dict(fresh).items()),
+            "fresh_vs_fsdp": (y_fresh - y_fsdp).abs().max().item(),
+            "fresh_fsdp_vs_fsdp": (y_fresh_fsdp - y_fsdp).abs().max().item(),
+            "folded_vs_fsdp": (y_folded - y_fsdp).abs().max().item(),
+            "y_fsdp": y_fsdp.tolist(),
+        }
+        save_file(lora_full, os.path.join(out, f"lora_rank{rank}.safetensors"))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_two_processes_gloo(tmp_path):
+    """FSDP2 (fully_shard) on 2 CPU processes: only A and B train, save_adapter gathers the shards, fold after
+    gathering matches. The 2-GPU run is the same code with the nccl backend."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available on this platform")
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["sharded"] and r["lora_state_dict_sharded"], r
+        assert r["grads_only_lora"] and r["lora_changed"] and r["base_unchanged"], r
+        assert r["file_equals_gathered"], r
+        assert r["fresh_vs_fsdp"] <= 1e-6 and r["fresh_fsdp_vs_fsdp"] <= 1e-6, r
+        assert r["folded_vs_fsdp"] <= 1e-5, r
+    assert results[0]["history"][0] != results[1]["history"][0]  # the ranks really trained on different data
+    first, last = (sum(r["history"][i] for r in results) for i in (0, -1))
+    assert last < 0.9 * first, [r["history"] for r in results]  # the mean loss falls (gradients are averaged)
+    assert results[0]["y_fsdp"] == results[1]["y_fsdp"]  # one model, whichever rank runs it
+    assert sorted(os.listdir(out)) == ["adapter", "lora_rank0.safetensors", "lora_rank1.safetensors",
+                                       "rank0.json", "rank1.json"]
+    # both ranks gathered the same A/B, and rank 0 wrote exactly those
+    rank0, rank1 = (load_file(str(out / f"lora_rank{r}.safetensors")) for r in range(2))
+    x, _ = data(8)
+    fresh = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+    load_adapter(fresh, out / "adapter")
+    assert all(torch.equal(rank0[k], v) and torch.equal(rank1[k], v) for k, v in lora_fx.lora_state_dict(fresh).items())
