@@ -444,6 +444,9 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
             "weight": lora.weight_name,
             "rows": rows,
             "role": roles.get((lora.weight_name, tuple(tuple(r) for r in rows))) if rows else None,
+            # the site reads only these rows of the weight (a split before F.linear): a rule on the weight
+            # rebuilds the slice, no role needed
+            "site_rows": list(lora.output_rows) if getattr(lora, "output_rows", None) else None,
             "module": site.module if site else lora.weight_name.rpartition(".")[0],
             "module_type": site.module_type if site else None,
             "op": site.op if site else None,
@@ -638,7 +641,7 @@ def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
             raise AdapterFileError(f"the LoRAs on {w!r} ({[lid for lid, _ in entries]}) cannot be rebuilt by rules: "
                                    f"slices of one weight must share r/alpha/scaling/dropout", where=where,
                                    fix="adapt the model with your own rules, then lora_fx.load_adapter")
-        roles = [s.get("role") for _, s in entries if s.get("rows")]
+        roles = [s.get("role") for _, s in entries if s.get("rows") and not s.get("site_rows")]
         if sliced and not all(roles):
             raise AdapterFileError(f"the row slices of {w!r} have no recorded role, so they cannot be rebuilt",
                                    where=where, fix="adapt the model with rules that give the same slices (role=...), "

@@ -115,13 +115,14 @@ def _one_lora_per_weight(decisions: list[Decision]) -> list[Decision]:
     A site of an adapted weight that no rule selected (DeBERTa's query_proj on its relative-position path under
     Rule(role="attn.q"); an nn.Linear also called through F.linear) gets the weight's LoRA too; one that a rule
     explicitly excludes raises, since folding would change it anyway."""
-    first: dict[str, Decision] = {}
+    first: dict[tuple, Decision] = {}
+    key = lambda d: (d.site.weight, d.site.weight_rows)  # sites reading other rows of a weight do not interact
     for d in decisions:
         if d.adapted:
-            first.setdefault(d.site.weight, d)
+            first.setdefault(key(d), d)
     out = []
     for d in decisions:
-        chosen = first.get(d.site.weight)
+        chosen = first.get(key(d))
         if chosen is not None and not d.adapted:
             if d.rule_index is not None:  # a rule matched this site and excluded it
                 raise RuleError(

@@ -40,11 +40,14 @@ class LoraLinear(nn.Module):
         weight_name: str = "",
         weight_layout: str = OUT_IN,
         rows: tuple[tuple[int, int], ...] = (),
+        output_rows: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
         """rows: for a slice of a packed weight (q of a fused qkv), the output rows this LoRA updates;
-        B then has one row per updated row and the branch writes zeros elsewhere (loralib's MergedLinear)."""
+        B then has one row per updated row and the branch writes zeros elsewhere (loralib's MergedLinear).
+        output_rows: when the site's op reads only rows (start, end) of the weight (a split before F.linear), the
+        branch returns just those rows; delta_weight stays weight-shaped."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.scaling_kind = r, float(alpha), scaling
@@ -54,6 +57,7 @@ class LoraLinear(nn.Module):
         self.enabled = True  # a disabled branch adds nothing (lora_fx.set_adapter / disable_adapters)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.rows = tuple(rows)
+        self.output_rows = tuple(output_rows) if output_rows is not None else None
         index = [i for start, end in self.rows for i in range(start, end)]
         self.register_buffer("row_index", torch.tensor(index, dtype=torch.long, device=device) if index else None,
                              persistent=False)
@@ -69,12 +73,20 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+            return x.new_zeros(*x.shape[:-1], self.output_features)
+        b = self._full_B() if self.output_rows is None else self._full_B()[self.output_rows[0]:self.output_rows[1]]
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast runs both matmuls in its dtype anyway: casting x to fp32 first would only make (and save
+            # for backward) one more copy of the activation per site. The output stays in the autocast dtype like
+            # the base op's, so the sum does not upcast the model's activations to fp32
+            return F.linear(F.linear(self.dropout(x), self.lora_A), b) * self.scaling
         h = self.dropout(x).to(self.lora_A.dtype)
-        out = F.linear(F.linear(h, self.lora_A), self._full_B()) * self.scaling
-        # under autocast the branch stays in the autocast dtype like the base op's output, so the sum does not
-        # upcast the model's activations to fp32
-        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+        return (F.linear(F.linear(h, self.lora_A), b) * self.scaling).to(x.dtype)
+
+    @property
+    def output_features(self) -> int:
+        """Features of the branch's output: the site's (out_features, or the rows it reads)."""
+        return self.out_features if self.output_rows is None else self.output_rows[1] - self.output_rows[0]
 
     def _full_B(self) -> torch.Tensor:
         """B with zero rows outside the slice (out x r: as small as B itself, so cheap)."""

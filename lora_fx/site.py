@@ -36,6 +36,9 @@ class Site:
     # nodes that read the weight other than as a linear site's weight (an nn.Embedding sharing its table with an
     # output projection under one name): fold would change what they compute too
     other_readers: tuple[str, ...] = field(default=())
+    # when the op reads a row slice of the parameter (nn.MultiheadAttention's cross-attention splits in_proj_weight
+    # into q and kv before F.linear): the (start, end) rows of the parameter it reads; out_features is end - start
+    weight_rows: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:

@@ -87,12 +87,16 @@ def check_settings(weight: str, decisions: list[Decision], rows: tuple = ()) -> 
 
 def _units(decisions: list[Decision]) -> dict[tuple, list[Decision]]:
     """Group adapted decisions into LoRA units: (weight, role, rows) -> decisions. A packed weight selected by
-    role gives one unit per role slice (loralib's MergedLinear); any other weight one unit."""
+    role gives one unit per role slice (loralib's MergedLinear); any other weight one unit. A site that reads a row
+    slice of its weight (Site.weight_rows) gets a unit on those rows; rows are always rows of the weight."""
     units: dict[tuple, list[Decision]] = {}
     for d in decisions:
         if not d.adapted:
             continue
+        offset = d.site.weight_rows
         for role, ranges in d.rows or ((None, ()),):
+            if offset is not None:
+                ranges = tuple((offset[0] + a, offset[0] + b) for a, b in ranges) or (offset,)
             units.setdefault((d.site.weight, role, tuple(ranges)), []).append(d)
     return units
 
@@ -116,12 +120,14 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
     for unit, ds in units.items():
         (weight, role, rows), s, site = unit, settings[unit], ds[0].site
         base_w = gm.get_parameter(weight)
-        key = adapter_key(weight, set(container.keys()), suffix=role.rpartition(".")[2] if role else "")
+        suffix = role.rpartition(".")[2] if role else (f"rows{rows[0][0]}" if site.weight_rows is not None else "")
+        key = adapter_key(weight, set(container.keys()), suffix=suffix)
         lora_dtype = base_w.dtype if base_w.dtype.itemsize >= 4 else torch.float32
-        container[key] = LoraLinear(site.in_features, site.out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
+        out_features = base_w.shape[0] if site.weight_rows is not None else site.out_features
+        container[key] = LoraLinear(site.in_features, out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
                                     scaling=s.scaling, init=s.init, weight_name=weight,
-                                    weight_layout=site.weight_layout, rows=rows, dtype=lora_dtype,
-                                    device=base_w.device)
+                                    weight_layout=site.weight_layout, rows=rows, output_rows=site.weight_rows,
+                                    dtype=lora_dtype, device=base_w.device)
         state.adapters[adapter][key] = weight
         for d in ds:
             base = nodes[d.site.node]

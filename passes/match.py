@@ -55,6 +55,66 @@ def _parameter_name(gm: fx.GraphModule, arg) -> str | None:
     return None
 
 
+# ops that take rows out of a weight (dim 0) before a linear: split sizes / chunks are indexed by a getitem
+_SPLITS = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, torch.split, torch.chunk}
+
+
+def _dim0(node: fx.Node, position: int) -> bool:
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
+    return dim == 0
+
+
+def _split_rows(gm: fx.GraphModule, node) -> tuple[str, list[tuple[int, int]]] | None:
+    """(parameter, row ranges of its parts) for a split/chunk of a parameter along dim 0, else None."""
+    is_split = (node.op == "call_function" and node.target in _SPLITS) or \
+        (node.op == "call_method" and node.target in ("split", "chunk"))
+    if not is_split or len(node.args) < 2 or not _dim0(node, 2):
+        return None
+    name = _parameter_name(gm, node.args[0])
+    if name is None:
+        return None
+    n, how = gm.get_parameter(name).shape[0], node.args[1]
+    chunk = node.target in (aten.chunk.default, torch.chunk, "chunk")
+    if isinstance(how, int) and chunk:
+        how = -(-n // how)  # torch.chunk: parts of ceil(n / chunks) rows
+    sizes = [min(how, n - i) for i in range(0, n, how)] if isinstance(how, int) else list(how)
+    if not all(isinstance(k, int) for k in sizes) or sum(sizes) != n:
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return name, [(a, a + k) for a, k in zip(starts, sizes)]
+
+
+def _weight_rows(gm: fx.GraphModule, arg) -> tuple[str, tuple[int, int] | None] | None:
+    """(parameter name, rows read or None for all) when `arg` is a parameter or a row slice of one, else None.
+    Row slices: split/chunk + getitem, w[a:b], aten.slice(w, 0, a, b), aten.narrow(w, 0, a, n)."""
+    name = _parameter_name(gm, arg)
+    if name is not None or not isinstance(arg, fx.Node) or arg.op != "call_function":
+        return (name, None) if name is not None else None
+    args = arg.args
+    if arg.target is operator.getitem and len(args) == 2 and isinstance(args[0], fx.Node):
+        src, index = args
+        if isinstance(index, int):
+            parts = _split_rows(gm, src)
+            if parts and -len(parts[1]) <= index < len(parts[1]):
+                return parts[0], parts[1][index]
+        elif isinstance(index, slice) and index.step in (None, 1):
+            name = _parameter_name(gm, src)
+            if name is not None:
+                start, stop, _ = index.indices(gm.get_parameter(name).shape[0])
+                return (name, (start, stop)) if stop > start else None
+        return None
+    if arg.target in (aten.slice.Tensor, aten.narrow.default) and len(args) >= 4 and args[1] == 0:
+        name = _parameter_name(gm, args[0])
+        if name is None or (arg.target is aten.slice.Tensor and len(args) > 4 and args[4] != 1):
+            return None
+        n = gm.get_parameter(name).shape[0]
+        start = args[2] if args[2] is not None else 0
+        stop = args[2] + args[3] if arg.target is aten.narrow.default else min(args[3], n)
+        return (name, (start, stop)) if isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= n \
+            else None
+    return None
+
+
 def _owner(model: nn.Module, weight: str) -> tuple[str, str]:
     module_name = weight.rpartition(".")[0]
     try:
@@ -77,14 +137,17 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
     args = node.args
     if len(args) <= max(x_idx, w_idx):
         return None
-    weight = _parameter_name(gm, args[w_idx])
-    if weight is None:
+    found = _weight_rows(gm, args[w_idx])
+    if found is None or (found[1] is not None and layout != OUT_IN):  # only output rows of an (out, in) weight
         return None
+    weight, rows = found
     w = gm.get_parameter(weight)
     if w.dim() != 2 or not isinstance(args[x_idx], fx.Node):
         return None
     module, module_type = _owner(model, weight)
     out_f, in_f = w.shape if layout == OUT_IN else reversed(w.shape)
+    if rows is not None:
+        out_f = rows[1] - rows[0]
     if kind == "functional_linear" and module_type in ("Linear", "NonDynamicallyQuantizableLinear") \
             and _module_call_path(node) == module and weight.endswith(".weight"):
         kind = "linear_module"  # torch.export's aten.linear that came from the nn.Linear's own forward
@@ -93,7 +156,7 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
     has_bias = b_idx is not None and len(args) > b_idx and args[b_idx] is not None
     return Site(node=node.name, op=kind, weight=weight, module=module, module_type=module_type,
                 in_features=int(in_f), out_features=int(out_f), weight_layout=layout, has_bias=has_bias,
-                input_arg=x_idx, layer=layer_index(weight))
+                input_arg=x_idx, layer=layer_index(weight), weight_rows=rows)
 
 
 def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]:
@@ -124,12 +187,31 @@ def _with_other_readers(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
     """Fill Site.other_readers: nodes that use a site's weight in any way other than as a site's weight
     argument. A get_attr of the weight feeding another op (torch.export's aten.embedding on the table), or a
     call of a module that owns it (symbolic tracing's nn.Embedding leaf), would see the folded weight too."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     site_nodes = {s.node for s in sites}
     weights = {s.weight for s in sites}
+    # the nodes between a parameter and a site's weight argument (split, getitem, slice) belong to that site
+    plumbing = set()
+    for s in sites:
+        node = nodes[s.node]
+        if node.op != "call_module":
+            pattern = FUNCTION_PATTERNS.get(node.target) if node.op == "call_function" else METHOD_PATTERNS.get(node.target)
+            arg = node.args[pattern[2]]
+            while isinstance(arg, fx.Node) and arg.op != "get_attr":
+                plumbing.add(arg.name)
+                arg = arg.args[0] if arg.args else None
     readers: dict[str, list[str]] = {w: [] for w in weights}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in weights:
-            readers[node.target] += [u.name for u in node.users if u.name not in site_nodes]
+            frontier, seen = [node], set()
+            while frontier:
+                n = frontier.pop()
+                for u in n.users:
+                    if u.name in plumbing and u.name not in seen:
+                        seen.add(u.name)
+                        frontier.append(u)
+                    elif u.name not in site_nodes and u.name not in plumbing:
+                        readers[node.target].append(u.name)
         elif node.op == "call_module" and node.name not in site_nodes:
             for w in weights:
                 if w.startswith(f"{node.target}."):

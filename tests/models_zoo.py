@@ -175,6 +175,14 @@ def transformer_encoder(batch: int = BATCH, seq: int = SEQ):
     return model.eval(), (_tokens(batch, seq),), {}
 
 
+def transformer_decoder(batch: int = BATCH, seq: int = SEQ):
+    """nn.TransformerDecoder: self-attention and cross-attention (in_proj_weight split into q and kv rows)."""
+    _seeded()
+    layer = nn.TransformerDecoderLayer(HIDDEN, HEADS, dim_feedforward=2 * HIDDEN, dropout=0.0, batch_first=True)
+    model = nn.TransformerDecoder(layer, LAYERS)
+    return model.eval(), (_tokens(batch, seq), _tokens(batch, seq + 2, seed=2)), {}
+
+
 def mha(batch: int = BATCH, seq: int = SEQ):
     """nn.MultiheadAttention at top level, self-attention: packed in_proj_weight through F.linear."""
     _seeded()
@@ -340,6 +348,8 @@ ZOO: list[Entry] = [
           notes="convolutions are not linear-like sites: only the classifier (fc) is adapted"),
     Entry("timm-mixer", timm_mixer, ("fx", "export"), "timm", slow=True, dynamic_seq=False),
     Entry("torch-transformer_encoder", transformer_encoder, ("export",), "torch", fx_fails=True),
+    Entry("torch-transformer_decoder", transformer_decoder, ("export",), "torch", fx_fails=True,
+          notes="cross-attention splits in_proj_weight into q and k|v rows before F.linear: two sites, a LoRA each"),
     Entry("torch-mha", mha, ("export",), "torch", fx_fails=True),
     Entry("torch-mha_wrapped", mha_wrapped, ("fx", "export"), "torch",
           notes="fx keeps the MultiheadAttention closed (a leaf): only inp/out are sites there"),

@@ -88,23 +88,27 @@ def test_matrix(entry, frontend):
     r = case.result
     assert r.frontend_used == frontend
     assert r.sites and r.adapted_sites and r.loras
-    # one LoRA per weight, its branch called at every adapted site of that weight
+    # one LoRA per weight (per row slice a site reads: MultiheadAttention cross-attention), its branch called at
+    # every adapted site of that weight
     adapted = [d.site for d in case.state.decisions if d.adapted]
-    per_weight = {}
+    per_unit = {}
     for s in adapted:
-        per_weight[s.weight] = per_weight.get(s.weight, 0) + 1
-    assert r.loras == len(per_weight)
+        per_unit[(s.weight, s.weight_rows)] = per_unit.get((s.weight, s.weight_rows), 0) + 1
+    assert r.loras == len(per_unit)
     branches = _branches(case.adapted)
-    weights = _adapter_weights(case.state)
-    assert {weights[k]: n for k, n in branches.items()} == per_weight
-    # each weight folded exactly once: W = W0 + s·B·A (not twice for a weight with two sites, not zero times)
-    for key, lora in case.adapted.lora_fx.items():
-        w0 = case.adapted.get_parameter(lora.weight_name)
-        w = case.merged.get_parameter(lora.weight_name)
-        expected = (w0.double() + lora.delta_weight(torch.float64)).float()
+    loras = case.adapted.lora_fx
+    assert {(loras[k].weight_name, loras[k].output_rows): n for k, n in branches.items()} == per_unit
+    # each weight folded exactly once: W = W0 + Σ s·B·A over its LoRAs (not twice for a weight with two sites,
+    # not zero times)
+    by_weight = {}
+    for lora in loras.values():
+        by_weight.setdefault(lora.weight_name, []).append(lora)
+    for name, group in by_weight.items():
+        w0, w = case.adapted.get_parameter(name), case.merged.get_parameter(name)
+        expected = (w0.double() + sum(lora.delta_weight(torch.float64) for lora in group)).float()
         torch.testing.assert_close(w, expected, rtol=0, atol=1e-6 * max(1.0, expected.abs().max().item()))
-        trained = bool(lora.lora_B.detach().abs().sum() > 0)  # e.g. BERT's pooler gets no gradient from the loss
-        assert torch.equal(w, w0) != trained, f"{lora.weight_name}: B {'!=' if trained else '=='} 0 but fold " \
+        trained = any(bool(lora.lora_B.detach().abs().sum() > 0) for lora in group)  # BERT's pooler gets no grad
+        assert torch.equal(w, w0) != trained, f"{name}: B {'!=' if trained else '=='} 0 but fold " \
                                                f"{'left it unchanged' if trained else 'changed it'}"
 
 
@@ -469,19 +473,59 @@ def test_leaf_modules_mha_closed_by_default_and_open_fails_with_hint():
         lora_fx.adapt(model, example_inputs=args, frontend="fx", open_modules=[nn.MultiheadAttention])
 
 
-@pytest.mark.xfail(strict=True, reason="match: nn.MultiheadAttention cross-attention (query is not key) runs "
-                                       "F.linear on slices of in_proj_weight; they are not candidate sites")
-def test_mha_cross_attention_in_proj_is_a_site():
-    class Cross(nn.Module):
+class _Cross(nn.Module):
+    """nn.MultiheadAttention as cross-attention: it splits in_proj_weight into q and kv rows before F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(Z.HIDDEN, Z.HEADS, batch_first=True)
+
+    def forward(self, q, kv):
+        return self.attn(q, kv, kv, need_weights=False)[0]
+
+
+def test_mha_cross_attention_in_proj_rows_are_sites(tmp_path):
+    """The q rows and the k|v rows of in_proj_weight are two sites; each gets a LoRA on its rows, fold writes each
+    delta into its rows only, and the merged export is the base export."""
+    torch.manual_seed(0)
+    model, q, kv = _Cross().eval(), Z._tokens(seq=4), Z._tokens(seq=6, seed=2)
+    plan = lora_fx.plan(model, example_inputs=(q, kv))
+    rows = sorted(d.site.weight_rows for d in plan.decisions if d.site.weight == "attn.in_proj_weight")
+    assert rows == [(0, Z.HIDDEN), (Z.HIDDEN, 3 * Z.HIDDEN)]
+    adapted = lora_fx.adapt(model, lora_fx.Rule(name="attn", r=4), example_inputs=(q, kv))
+    loras = [l for l in adapted.lora_fx.values() if l.weight_name == "attn.in_proj_weight"]
+    assert sorted(l.rows for l in loras) == [((0, Z.HIDDEN),), ((Z.HIDDEN, 3 * Z.HIDDEN),)]
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    with torch.no_grad():
+        y = adapted(q, kv)
+        assert not torch.allclose(y, model(q, kv))  # the LoRAs change the output
+        merged = lora_fx.fold(adapted)
+        torch.testing.assert_close(merged(q, kv), y, rtol=0, atol=1e-5 * max(1.0, y.abs().max().item()))
+    # the adapter file rebuilds the same row-slice LoRAs from the weight's name alone
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    rebuilt = lora_fx.adapt_from_adapter(model, tmp_path / "adapter", example_inputs=(q, kv))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(q, kv), y, rtol=0, atol=0)
+    if Z.onnx_available():
+        pytest.skip(Z.onnx_available())
+    lora_fx.export_onnx(model, tmp_path / "base.onnx", (q, kv))
+    lora_fx.export_onnx(merged, tmp_path / "merged.onnx", (q, kv))
+    assert lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx").identical
+
+
+def test_a_row_slice_read_elsewhere_refuses_the_weight():
+    """w[:4] feeds F.linear and w[4:] feeds a non-linear op: the weight is not adapted silently."""
+    class Sliced(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(Z.HIDDEN, Z.HEADS, batch_first=True)
+            self.w = nn.Parameter(torch.randn(8, Z.HIDDEN))
 
-        def forward(self, q, kv):
-            return self.attn(q, kv, kv, need_weights=False)[0]
+        def forward(self, x):
+            return F.linear(x, self.w[:4]).sum(-1) + self.w[4:].sum()
 
-    plan = lora_fx.plan(Cross(), example_inputs=(Z._tokens(seq=4), Z._tokens(seq=6, seed=2)))
-    assert "attn.in_proj_weight" in {d.site.weight for d in plan.decisions}
+    with pytest.raises(lora_fx.RuleError, match="also read by"):
+        lora_fx.adapt(Sliced(), lora_fx.Rule(r=2), example_inputs=(Z._tokens(),), frontend="fx")
 
 
 # ------------------------------------------------------------------------------------------------ trace errors
