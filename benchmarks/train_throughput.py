@@ -13,6 +13,8 @@ Variants (each LoRA variant runs once per --targets entry: "qv" = q_proj,v_proj;
 decoder layers, lm_head excluded; r=16, alpha=32, dropout 0; A/B in fp32 as both libraries keep them):
   peft_eager, peft_compile          HF PEFT get_peft_model, eager / torch.compile
   lora_fx_eager, lora_fx_compile    lora_fx.adapt (torch.export front end), eager / torch.compile
+  lora_fx_compile_recompute         lora_fx_compile with torch.compile's activation memory budget (--memory-budget):
+                                    the partitioner recomputes cheap activations instead of saving them (opt-in)
   full_ft                           full fine-tuning: bf16 params, bf16 grads, AdamW states in bf16 (torchtune-style)
   full_ft_fp32master                full fine-tuning: fp32 params/grads/AdamW states, bf16 autocast (HF Trainer style)
   full_ft_compile                   full_ft under torch.compile (opt-in: not in the default list)
@@ -71,6 +73,7 @@ VARIANTS = {
     "peft_compile": ("peft", True, True),
     "lora_fx_eager": ("lora_fx", False, True),
     "lora_fx_compile": ("lora_fx", True, True),
+    "lora_fx_compile_recompute": ("lora_fx", True, True),  # torch.compile with an activation memory budget
     "full_ft": ("full_ft", False, False),
     "full_ft_fp32master": ("full_ft_fp32master", False, False),
     "full_ft_compile": ("full_ft", True, False),
@@ -114,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy-mib", type=int, default=None, help="MiB copied for the bandwidth calibration (default 2048)")
     p.add_argument("--fold-reps", type=int, default=3, help="folds timed per target (default %(default)s)")
     p.add_argument("--onnx", action="store_true", help="also time lora_fx.export_onnx of the folded model")
+    p.add_argument("--memory-budget", type=float, default=0.5,
+                   help="activation_memory_budget of the *_recompute variants (default %(default)s)")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 extra steps per variant (torch.profiler); top ops go to the JSON and stdout")
     p.add_argument("--budget-s", type=float, default=480.0,
@@ -325,15 +330,20 @@ def run_training(a, name: str, model, params: list, device: torch.device, batche
         torch.cuda.reset_peak_memory_stats(device)
     mem_start = allocated_gb(device)
     warm = []
-    for _ in range(a.warmup):
-        t = time.perf_counter()
-        step()
+    budget = contextlib.nullcontext()
+    if name.endswith("_recompute"):  # compilation happens in the first step, inside the patch
+        import torch._functorch.config as functorch_config
+        budget = functorch_config.patch(activation_memory_budget=a.memory_budget)
+    with budget:
+        for _ in range(a.warmup):
+            t = time.perf_counter()
+            step()
+            sync(device)
+            warm.append(time.perf_counter() - t)
         sync(device)
-        warm.append(time.perf_counter() - t)
-    sync(device)
-    t_wall = time.perf_counter()
-    times = time_fn(step, device, reps=a.steps, warmup=0)
-    wall = time.perf_counter() - t_wall
+        t_wall = time.perf_counter()
+        times = time_fn(step, device, reps=a.steps, warmup=0)
+        wall = time.perf_counter() - t_wall
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     final_loss = last[0].item()
     if not math.isfinite(final_loss):
@@ -501,6 +511,7 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
     full_c = _get(results, "full_ft_compile", None)
     for t in targets:
         fe, fc = _get(results, "lora_fx_eager", t), _get(results, "lora_fx_compile", t)
+        fr = _get(results, "lora_fx_compile_recompute", t)
         pe, pc = _get(results, "peft_eager", t), _get(results, "peft_compile", t)
         r = {
             "lora_fx_vs_peft_eager_tokens": ratio(fe, pe, "tokens_per_s"),
@@ -511,6 +522,9 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
             "lora_compile_vs_full_ft_tokens": ratio(fc, full_c or full, "tokens_per_s"),
             "lora_vs_full_ft_peak_mem": ratio(fe, full, "peak_mem_gb"),
             "lora_vs_full_ft_fp32master_peak_mem": ratio(fe, full32, "peak_mem_gb"),
+            "lora_recompute_vs_full_ft_peak_mem": ratio(fr, full, "peak_mem_gb"),
+            "lora_recompute_vs_peft_compile_tokens": ratio(fr, pc, "tokens_per_s"),
+            "lora_recompute_vs_full_ft_tokens": ratio(fr, full, "tokens_per_s"),
             "mfu_lora_fx_eager": fe and fe.get("mfu"), "mfu_lora_fx_compile": fc and fc.get("mfu"),
             "mfu_peft_eager": pe and pe.get("mfu"), "mfu_peft_compile": pc and pc.get("mfu"),
             "trainable_params_equal": (fe or fc) is not None and (pe or pc) is not None
@@ -570,6 +584,9 @@ def report(data) -> str:
             ("LoRA compiled / full FT tokens/s", "lora_compile_vs_full_ft_tokens", ".2f"),
             ("LoRA / full FT peak memory (bf16 full FT)", "lora_vs_full_ft_peak_mem", ".2f"),
             ("LoRA / full FT peak memory (fp32-master full FT)", "lora_vs_full_ft_fp32master_peak_mem", ".2f"),
+            ("LoRA compiled+recompute / full FT peak memory (bf16 full FT)", "lora_recompute_vs_full_ft_peak_mem", ".2f"),
+            ("LoRA compiled+recompute / full FT tokens/s", "lora_recompute_vs_full_ft_tokens", ".2f"),
+            ("lora_fx compiled+recompute / PEFT compiled tokens/s", "lora_recompute_vs_peft_compile_tokens", ".2f"),
             ("MFU lora_fx eager", "mfu_lora_fx_eager", ".1%"), ("MFU lora_fx compiled", "mfu_lora_fx_compile", ".1%"),
             ("MFU PEFT eager", "mfu_peft_eager", ".1%"), ("MFU PEFT compiled", "mfu_peft_compile", ".1%"),
             ("same trainable params (lora_fx, PEFT)", "trainable_params_equal", "")]
@@ -672,7 +689,7 @@ def main(argv=None) -> int:
     if not a.targets:
         plan += [(v, None) for v in ("full_ft", "full_ft_fp32master") if v in a.variants]
     for t in a.targets:
-        plan += [(v, t) for v in ("lora_fx_compile", "peft_compile") if v in a.variants]
+        plan += [(v, t) for v in ("lora_fx_compile", "peft_compile", "lora_fx_compile_recompute") if v in a.variants]
     if "full_ft_compile" in a.variants:
         plan.append(("full_ft_compile", None))
 
