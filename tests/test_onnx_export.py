@@ -147,6 +147,25 @@ def test_fp16_export_casts_a_copy_not_the_callers_model(tmp_path, block):
     np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("frontend,warns", [("export", True), ("fx", False)])
+def test_dtype_on_a_torch_export_graph_warns(tmp_path, frontend, warns):
+    """A torch.export graph keeps the dtype casts it was traced with, so recasting it is refused politely (a
+    warning with the way out); a symbolic-trace graph has no such casts and exports quietly."""
+    import warnings
+
+    import lora_fx
+    torch.manual_seed(0)
+    x, model = _x(2, 5, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    merged = lora_fx.fold(lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(merged, tmp_path / "half.onnx", (x,), dtype=torch.float16)
+    said = [str(w.message) for w in caught if "keeps the casts it was traced with" in str(w.message)]
+    assert bool(said) == warns, said
+    if warns:
+        assert "load_state_dict" in said[0]
+
+
 def test_missing_directory_raises_export_error_and_writes_nothing(tmp_path):
     target = tmp_path / "no_such_dir" / "model.onnx"
     with pytest.raises(ExportError, match="does not exist") as info:
