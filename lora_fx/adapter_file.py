@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lora_fx.errors import AdapterFileError, RuleError
+from lora_fx.passes.infra import dtensor_type
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -65,15 +66,6 @@ def unwrap(module: Any) -> Any:
             return module
         module, seen = inner, seen + 1
     return module
-
-
-def dtensor_type() -> type | None:
-    """torch.distributed.tensor.DTensor (what FSDP2's fully_shard makes parameters into), or None where this torch
-    has no distributed support."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
 
 
 def _container_name(adapter: str) -> str:

@@ -20,6 +20,7 @@ from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.causal_attention import use_causal_attention
+from lora_fx.passes.infra import dtensor_type
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
 from lora_fx.passes.trace import trace
@@ -310,10 +311,8 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
 
 def _sharded_parameters(module: nn.Module) -> list[str]:
     """Names of parameters that are DTensors (FSDP2's fully_shard makes every parameter one)."""
-    if not torch.distributed.is_available():
-        return []
-    from torch.distributed.tensor import DTensor
-    return [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+    dtensor = dtensor_type()
+    return [name for name, p in module.named_parameters() if dtensor is not None and isinstance(p, dtensor)]
 
 
 def _container(adapted: Any) -> nn.ModuleDict:

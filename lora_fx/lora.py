@@ -56,7 +56,7 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # a disabled branch adds nothing (lora_fx.set_adapter / disable_adapters)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.rows = tuple(rows)
+        self.rows = tuple(tuple(r) for r in rows)
         self.output_rows = tuple(output_rows) if output_rows is not None else None
         index = [i for start, end in self.rows for i in range(start, end)]
         self.register_buffer("row_index", torch.tensor(index, dtype=torch.long, device=device) if index else None,
@@ -74,7 +74,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x.new_zeros(*x.shape[:-1], self.output_features)
-        b = self._full_B() if self.output_rows is None else self._full_B()[self.output_rows[0]:self.output_rows[1]]
+        b = self._output_B()
         if torch.is_autocast_enabled(x.device.type):
             # autocast runs both matmuls in its dtype anyway: casting x to fp32 first would only make (and save
             # for backward) one more copy of the activation per site. The output stays in the autocast dtype like
@@ -87,6 +87,14 @@ class LoraLinear(nn.Module):
     def output_features(self) -> int:
         """Features of the branch's output: the site's (out_features, or the rows it reads)."""
         return self.out_features if self.output_rows is None else self.output_rows[1] - self.output_rows[0]
+
+    def _output_B(self) -> torch.Tensor:
+        """B for the rows the branch returns: B itself when its rows are exactly those (every plain LoRA, and a
+        site that reads a slice of its weight), else B placed among zero rows."""
+        if self.row_index is None or self.rows == (self.output_rows,):
+            return self.lora_B
+        full = self._full_B()
+        return full if self.output_rows is None else full[self.output_rows[0]:self.output_rows[1]]
 
     def _full_B(self) -> torch.Tensor:
         """B with zero rows outside the slice (out x r: as small as B itself, so cheap)."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lora_fx.errors import ExportError, InputError
+from lora_fx.passes.causal_attention import with_masked_attention
 from lora_fx.passes.trace import eval_mode
 
 #: ONNX opset of every export. 20 is the default of the dynamo exporter in torch 2.9 through 2.13; stating it keeps
@@ -66,7 +67,9 @@ def export_onnx(
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
 
-    model = _with_original_attention(model)
+    # the causal-attention rewrite is for training: an unmerged export keeps the base's attention, so it differs
+    # from the base export only by the LoRA branches (which fold_onnx removes)
+    model = with_masked_attention(model)
     with _output_dir(path) as tmp_dir:
         with eval_mode(model):
             _check_inputs_fit(model, example_inputs, example_kwargs)
@@ -135,21 +138,6 @@ def _cast(
         return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
     return cast, _map_structure(cast_value, args), _map_structure(cast_value, kwargs)
-
-
-def _with_original_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """An adapted graph whose attention the causal-attention pass switched to is_causal exports with its original
-    masked attention (a copy; the model is unchanged), so the unmerged export differs from the base export only by
-    the LoRA branches, which fold_onnx can then remove."""
-    from lora_fx.passes.causal_attention import META_KEY, restore_attention
-    from lora_fx.passes.infra import clone_graph_module
-
-    if not isinstance(model, torch.fx.GraphModule) or not any(META_KEY in n.meta for n in model.graph.nodes):
-        return model
-    copy_ = clone_graph_module(model)
-    restore_attention(copy_.graph)
-    copy_.recompile()
-    return copy_
 
 
 def _warn_if_traced_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, dtensor_type, lora_modules,
-                                  read_json, read_safetensors, sites_by_weight, write_json, write_safetensors)
+from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, lora_modules, read_json,
+                                  read_safetensors, sites_by_weight, write_json, write_safetensors)
 from lora_fx.errors import AdapterFileError, RuleError
+from lora_fx.passes.infra import dtensor_type
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

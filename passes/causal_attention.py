@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lora_fx.passes.infra import PassResult
+from lora_fx.passes.infra import PassResult, clone_graph_module
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 META_KEY = "lora_fx_causal"  # node.meta key holding the original call, for restore_attention
@@ -72,13 +72,14 @@ def _shape_only(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | N
     return placeholders, sizes
 
 
-def _mask_function(gm: fx.GraphModule, mask: fx.Node, nodes: list[fx.Node]) -> fx.GraphModule:
-    """A GraphModule computing just `mask` from the placeholders it reads (only their shapes matter)."""
+def _mask_function(gm: fx.GraphModule, mask: fx.Node, nodes: list[fx.Node], sizes: list[fx.Node]) -> fx.GraphModule:
+    """A GraphModule computing `mask` and the `sizes` it depends on from the placeholders it reads (only their
+    shapes matter)."""
     graph, env, inside = fx.Graph(), {}, set(nodes)
     for n in gm.graph.nodes:  # graph order, so every node's inputs are copied before it
         if n in inside:
             env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output((env[mask], *[env[n] for n in nodes if n.target is torch.ops.aten.sym_size.int]))
+    graph.output((env[mask], *[env[n] for n in sizes]))
     return fx.GraphModule(gm, graph)
 
 
@@ -133,7 +134,7 @@ def use_causal_attention(gm: fx.GraphModule) -> PassResult:
         if found is None:
             continue
         placeholders, size_nodes = found
-        limits = _checked(_mask_function(gm, mask, nodes), placeholders)
+        limits = _checked(_mask_function(gm, mask, nodes, size_nodes), placeholders)
         if limits is None:
             continue
         node.meta[META_KEY] = (node.target, _names(node.args), _names(node.kwargs))
@@ -166,3 +167,14 @@ def restore_attention(graph: fx.Graph) -> int:
             node.target, node.args, node.kwargs = original[0], resolve(original[1]), resolve(original[2])
             restored += 1
     return restored
+
+
+def with_masked_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` itself, or, when use_causal_attention rewrote calls in it, a copy with the masked calls back
+    (sharing every tensor; the module is unchanged)."""
+    if not isinstance(module, fx.GraphModule) or not any(META_KEY in n.meta for n in module.graph.nodes):
+        return module
+    copy = clone_graph_module(module)
+    restore_attention(copy.graph)
+    copy.recompile()
+    return copy

@@ -100,6 +100,15 @@ def preserve_on_deepcopy(gm: fx.GraphModule, name: str, value: Any) -> None:
     gm.meta.setdefault(_PRESERVED, {})[name] = value
 
 
+def dtensor_type() -> type | None:
+    """torch.distributed.tensor.DTensor (FSDP2's fully_shard turns parameters into these), or None where this torch
+    has no distributed support."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
 def set_parameter_copy_on_write(root: torch.nn.Module, qualified_name: str, value: torch.Tensor) -> None:
     """Put a new parameter at `qualified_name` under `root` without touching modules that others share.
 

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from lora_fx.errors import RuleError
 from lora_fx.lora import LoraLinear
-from lora_fx.passes.infra import PassResult, graph_signature, own_module_tree, preserve_on_deepcopy
+from lora_fx.passes.infra import PassResult, graph_signature, preserve_on_deepcopy
 from lora_fx.rules import Decision, LoraSettings
 from lora_fx.site import Site
 
@@ -154,9 +154,8 @@ def keep_base_in_eval(gm: fx.GraphModule) -> None:
 
     Why: torch.export bakes the base's eval mode into its graph, so this is the one behaviour both front ends can
     share; the base is frozen, so its BatchNorm statistics must not drift and its dropout has nothing to
-    regularise; and the user's model, whose tensors gm shares, must not change mode or statistics.
-    gm gets its own module objects first (symbolic tracing reuses the user's leaf modules)."""
-    own_module_tree(gm)
+    regularise; and the user's model, whose tensors gm shares, must not change mode or statistics (both front ends
+    give gm its own module objects: trace_fx and clone_graph_module)."""
     for module in gm.modules():
         module.training = False
     preserve_on_deepcopy(gm, "train", types.MethodType(_train_lora_branches, gm))

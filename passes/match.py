@@ -162,7 +162,7 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
 def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]:
     """Every linear-like site in graph order. `model` (the traced model) gives module class names."""
     model = model if model is not None else gm
-    sites = []
+    sites, weight_args = [], {}  # weight_args: site node -> the node it takes W from (a parameter or a slice of one)
     for node in gm.graph.nodes:
         site = None
         if node.op == "call_module":
@@ -174,32 +174,29 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]
                             module=node.target, module_type=module_type, in_features=w.shape[1],
                             out_features=w.shape[0], weight_layout=OUT_IN, has_bias=module.bias is not None,
                             input_arg=0, layer=layer_index(node.target))
-        elif node.op == "call_function" and node.target in FUNCTION_PATTERNS:
-            site = _site(gm, model, node, *FUNCTION_PATTERNS[node.target])
-        elif node.op == "call_method" and node.target in METHOD_PATTERNS:
-            site = _site(gm, model, node, *METHOD_PATTERNS[node.target])
+        elif node.op in ("call_function", "call_method"):
+            pattern = (FUNCTION_PATTERNS if node.op == "call_function" else METHOD_PATTERNS).get(node.target)
+            if pattern is not None:
+                site = _site(gm, model, node, *pattern)
+                if site is not None:
+                    weight_args[node.name] = node.args[pattern[2]]
         if site is not None:
             sites.append(site)
-    return _with_other_readers(gm, sites)
+    return _with_other_readers(gm, sites, weight_args)
 
 
-def _with_other_readers(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
+def _with_other_readers(gm: fx.GraphModule, sites: list[Site], weight_args: dict[str, fx.Node]) -> list[Site]:
     """Fill Site.other_readers: nodes that use a site's weight in any way other than as a site's weight
     argument. A get_attr of the weight feeding another op (torch.export's aten.embedding on the table), or a
     call of a module that owns it (symbolic tracing's nn.Embedding leaf), would see the folded weight too."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     site_nodes = {s.node for s in sites}
     weights = {s.weight for s in sites}
     # the nodes between a parameter and a site's weight argument (split, getitem, slice) belong to that site
     plumbing = set()
-    for s in sites:
-        node = nodes[s.node]
-        if node.op != "call_module":
-            pattern = FUNCTION_PATTERNS.get(node.target) if node.op == "call_function" else METHOD_PATTERNS.get(node.target)
-            arg = node.args[pattern[2]]
-            while isinstance(arg, fx.Node) and arg.op != "get_attr":
-                plumbing.add(arg.name)
-                arg = arg.args[0] if arg.args else None
+    for arg in weight_args.values():
+        while isinstance(arg, fx.Node) and arg.op != "get_attr":
+            plumbing.add(arg.name)
+            arg = arg.args[0] if arg.args else None
     readers: dict[str, list[str]] = {w: [] for w in weights}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in weights:

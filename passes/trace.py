@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import InputError, TraceError
-from lora_fx.passes.infra import PassResult, clone_graph_module
+from lora_fx.passes.infra import PassResult, clone_graph_module, own_module_tree
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -120,7 +120,9 @@ def _outputs_match(a: Any, b: Any) -> bool:
 def trace_fx(model: nn.Module, *, leaf_modules=(), open_modules=(), concrete_args=None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules, open_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    own_module_tree(gm)  # GraphModule reuses the model's leaf modules: a mode switch on gm would reach the model
+    return gm
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
