@@ -115,6 +115,23 @@ def test_only_a_provably_causal_mask_is_rewritten(kind, window, rewritten):
     assert _calls(adapted) == (rewritten, 1 - rewritten)
 
 
+def test_beyond_the_checked_sizes_the_mask_is_used():
+    """A window of 20 looks causal at the example length 8 and at 16, so the call is rewritten; at length 24 the
+    window cuts in and only the masked fallback gives the model's output (is_causal would attend too far back)."""
+    torch.manual_seed(0)
+    model = _Attention("window", window=20).eval()
+    adapted = lora_fx.adapt(model, example_inputs=(Z._tokens(seq=Z.SEQ),), frontend="export")
+    assert _calls(adapted) == (1, 0)
+    with torch.no_grad():
+        for seq in (16, 24):
+            x = Z._tokens(seq=seq, seed=3)
+            _close(adapted(x), model(x))
+        x = Z._tokens(seq=24, seed=3)
+        q, k, v = model.qkv(x).unflatten(-1, (3, Z.HEADS, -1)).permute(2, 0, 3, 1, 4)
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        assert (causal - model(x)).abs().max() > 1e-3  # at 24 the window matters, so the test can tell
+
+
 def test_compiles_fullgraph():
     x = Z._tokens(seq=Z.SEQ)
     adapted = lora_fx.adapt(_Attention("causal").eval(), example_inputs=(x,), frontend="export")

@@ -249,6 +249,12 @@ def test_weight_read_by_another_op_is_not_folded_silently(frontend):
     it raises, naming the other reader."""
     torch.manual_seed(0)
     model, ids = TiedByUse().eval(), Z._ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lora_fx.RuleError, match="also read by") as info:
+        lora_fx.adapt(model, lora_fx.Rule(), example_inputs=(ids,), frontend=frontend)
+    assert "exclude=True" in str(info.value) and "embed" in str(info.value)
+    assert all(p.requires_grad for p in model.parameters()), "a refused adapt froze the model"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="'embed.weight': it is also read by"):
         adapted = lora_fx.adapt(model, example_inputs=(ids,), frontend=frontend)
     assert list(adapted.lora_fx) == ["body"]
@@ -259,9 +265,6 @@ def test_weight_read_by_another_op_is_not_folded_silently(frontend):
         merged = lora_fx.fold(adapted)
         torch.testing.assert_close(merged(ids), y, rtol=0, atol=1e-5 * y.abs().max().item())
         assert torch.equal(merged.get_parameter("embed.weight"), model.embed.weight)
-    with pytest.raises(lora_fx.RuleError, match="also read by") as info:
-        lora_fx.adapt(model, lora_fx.Rule(), example_inputs=(ids,), frontend=frontend)
-    assert "exclude=True" in str(info.value)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -3,6 +3,7 @@ processes (gloo)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -180,18 +181,32 @@ def test_compile_fullgraph_inductor(frontend):
 
 
 # ---------------------------------------------------------------------------------------------------- DDP, 2 processes
-def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world: int, init_file: str):
+    """One rank of a multi-process CPU test: joins the gloo group, leaves it whatever happens."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from safetensors.torch import save_file
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x, _ = data(8)
-        adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))  # same seed: same base and A on every rank
-        before = base_params(adapted)
-        lora_init = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def _adapted_on_every_rank():
+    """The same adapted model on every rank (same seed: same base and A), with its base and LoRA values before."""
+    x, _ = data(8)
+    adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))
+    return x, adapted, base_params(adapted), {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from safetensors.torch import save_file
+
+    with _gloo_rank(rank, world, init_file) as dist:
+        x, adapted, before, lora_init = _adapted_on_every_rank()
         ddp = DDP(adapted)
         batches = [data(16, seed=100 + 10 * rank + i) for i in range(3)]  # each rank sees other data
         history = train(ddp, batches, ce, steps=6, lr=1e-2, progress=False)
@@ -213,8 +228,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.barrier()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_gloo(tmp_path):
@@ -240,19 +253,13 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- FSDP2, 2 processes
 def _fsdp2_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        x, _ = data(8)
-        adapted = lora_fx.adapt(make(), RULES, example_inputs=(x,))  # same seed: same base and A on every rank
-        before = base_params(adapted)
-        lora_init = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+    with _gloo_rank(rank, world, init_file) as dist:
+        x, adapted, before, lora_init = _adapted_on_every_rank()
         fully_shard(adapted)  # every parameter becomes a DTensor sharded on dim 0: each rank keeps half the rows
         sharded = all(isinstance(p, DTensor) for p in adapted.parameters())
         opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=2e-2)
@@ -328,8 +335,6 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out: str) -> None:
         save_file(lora_full, os.path.join(out, f"lora_rank{rank}.safetensors"))
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_two_processes_gloo(tmp_path):
