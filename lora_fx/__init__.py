@@ -1,13 +1,13 @@
 """lora_fx: LoRA as a compiler pass over torch.fx graphs.
 
     adapted = lora_fx.adapt(model, rules=[lora_fx.Rule(name="q|v", r=8)], example_inputs=(x,))
-    ...train lora_fx.lora_parameters(adapted)...
+    ...train lora_fx.lora_parameters(adapted)...   (or lora_fx.checkpoint_layers(adapted) to keep fewer activations)
     merged = lora_fx.fold(adapted)
     lora_fx.export_onnx(merged, "merged.onnx", example_inputs=(x,))
     lora_fx.verify_onnx("base.onnx", "merged.onnx").identical
 """
 
-from lora_fx.api import (active_adapters, adapt, add_adapter, disable_adapters, fold, lora_parameters,
+from lora_fx.api import (active_adapters, adapt, add_adapter, checkpoint_layers, disable_adapters, fold, lora_parameters,
                          lora_state_dict, merge_adapter, plan, set_adapter, unmerge_adapter)
 from lora_fx.errors import (AdapterFileError, ExportError, FoldError, InputError, LoraFxError, NoSitesError,
                             RuleError, TraceError, VerifyError)
@@ -50,4 +50,4 @@ __all__ = ["adapt", "fold", "add_adapter", "set_adapter", "active_adapters", "di
            "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
            "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
-           "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport"]
+           "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport", "checkpoint_layers"]

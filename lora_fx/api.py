@@ -20,6 +20,7 @@ from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.causal_attention import use_causal_attention
+from lora_fx.passes.checkpoint import CheckpointedModel, checkpoint_layers as checkpoint_pass
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
@@ -309,6 +310,18 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
                           accumulate_dtype=accumulate_dtype).graph_module
 
 
+def checkpoint_layers(adapted: fx.GraphModule, policy: str = "matmuls", *, layers: str | None = None) -> nn.Module:
+    """A training view of `adapted` that keeps fewer activations: each repeated layer runs under activation
+    checkpointing and recomputes what it did not keep in the backward pass (passes/checkpoint.py).
+
+    policy="matmuls" keeps matmul and attention outputs and recomputes the elementwise work between them;
+    policy="full" keeps only each layer's input. layers: the module list to split at (default: the one with the
+    most items, e.g. "model.layers"). The view computes the same values with the same parameters; train it, then
+    fold, save and export `adapted` itself (the view is left out of those)."""
+    _container(adapted)
+    return checkpoint_pass(adapted, policy, layers).view
+
+
 def _sharded_parameters(module: nn.Module) -> list[str]:
     """Names of parameters that are DTensors (FSDP2's fully_shard makes every parameter one)."""
     dtensor = dtensor_type()
@@ -316,6 +329,10 @@ def _sharded_parameters(module: nn.Module) -> list[str]:
 
 
 def _container(adapted: Any) -> nn.ModuleDict:
+    if isinstance(adapted, CheckpointedModel):
+        raise InputError("this is the checkpointed training view of an adapted model, not the adapted model",
+                         where=type(adapted).__name__,
+                         fix="pass the model it views: view.adapted (the one lora_fx.adapt returned)")
     if not isinstance(adapted, nn.Module):
         raise InputError(f"expected a module returned by lora_fx.adapt, got {type(adapted).__name__}",
                          where="adapted", fix="call lora_fx.adapt(model, ...) first")

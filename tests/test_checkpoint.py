@@ -1,0 +1,220 @@
+"""The checkpoint pass (passes/checkpoint.py): lora_fx.checkpoint_layers gives a training view that recomputes
+activations layer by layer. It must compute the same loss and LoRA gradients as the adapted model, keep fewer
+activations alive between forward and backward, and leave the adapted model (fold, save, export) as it was.
+
+Tolerances: recomputation replays the same ops on the same inputs with the same RNG state, so on CPU in fp32 the
+values agree exactly in practice; the checks allow 1e-6 relative (a few fp32 ulps) so a kernel that picks another
+summation order on recompute would not fail them.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import lora_fx
+from lora_fx.passes.infra import graph_signature
+
+import models_zoo as Z
+from conftest import randomize_lora
+
+RTOL = 1e-6
+
+
+def _llama(layers: int = 4, seq: int = 32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return model, torch.randint(0, 64, (2, seq))
+
+
+def _adapted_llama(dropout: float = 0.0, **kw):
+    model, ids = _llama(**kw)
+    adapted = lora_fx.adapt(model, lora_fx.Rule(name="q_proj|v_proj|down_proj", r=4, alpha=8, dropout=dropout),
+                            example_inputs=(ids,))
+    randomize_lora(adapted)
+    return model, adapted, ids
+
+
+def _loss(model, ids):
+    return Z.first_output(model(ids)).float().square().mean()
+
+
+def _loss_and_grads(model, adapted, ids, seed: int = 1):
+    params = list(lora_fx.lora_parameters(adapted))
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)  # the LoRA dropout masks
+    loss = _loss(model, ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a - b).abs().max().item() <= RTOL * max(1.0, b.abs().max().item())
+
+
+class _Outputs(TorchDispatchMode):
+    """Weak references to every tensor an op produces (the real tensors, nothing replaced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs += [weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def retained_activation_bytes(model, params_of: nn.Module, ids) -> int:
+    """Bytes of tensors made in the forward that are still alive when it returns (kept for the backward pass):
+    the activation memory checkpointing is there to cut. Parameters and their views are not counted."""
+    weights = {p.untyped_storage().data_ptr() for p in params_of.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in params_of.buffers()}
+    mode = _Outputs()
+    with mode:
+        loss = _loss(model, ids)
+    gc.collect()
+    alive = {}
+    for ref in mode.refs:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in weights:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del loss
+    return sum(alive.values())
+
+
+# ------------------------------------------------------------------------------------------------ same values
+@pytest.mark.parametrize("policy", ["matmuls", "full"])
+def test_view_gives_the_adapted_models_loss_and_lora_gradients(policy):
+    _, adapted, ids = _adapted_llama(dropout=0.2)  # dropout: the recompute must replay the same masks
+    adapted.train()
+    view = lora_fx.checkpoint_layers(adapted, policy)
+    assert view.layers == [f"model.layers.{i}" for i in range(4)]
+    loss, grads = _loss_and_grads(adapted, adapted, ids)
+    loss_v, grads_v = _loss_and_grads(view, adapted, ids)
+    _close(loss_v, loss)
+    assert len(grads) == 2 * 3 * 4 and any(g.abs().max() > 0 for g in grads)
+    for g_v, g in zip(grads_v, grads):
+        _close(g_v, g)
+    view.eval()  # no dropout: two calls give the same values
+    with torch.no_grad():  # no gradients: the layers run without checkpointing
+        _close(Z.first_output(view(ids)), Z.first_output(adapted(ids)))
+
+
+def test_view_keeps_fewer_activations_full_fewest():
+    _, adapted, ids = _adapted_llama(layers=4, seq=48)
+    adapted.train()
+    plain = retained_activation_bytes(adapted, adapted, ids)
+    matmuls = retained_activation_bytes(lora_fx.checkpoint_layers(adapted, "matmuls"), adapted, ids)
+    full = retained_activation_bytes(lora_fx.checkpoint_layers(adapted, "full"), adapted, ids)
+    # measured on this model: "matmuls" keeps 0.74 of plain (every matmul output, also those autograd would not
+    # have kept), "full" 0.08 (each layer's input, the logits and the loss)
+    assert matmuls < 0.85 * plain, (plain, matmuls)
+    assert full < 0.2 * plain, (plain, full)
+
+
+# ------------------------------------------------------------------------------------------------ the adapted model
+def test_training_the_view_trains_the_adapted_model_which_folds_as_before():
+    model, adapted, ids = _adapted_llama()
+    signature = graph_signature(adapted.graph)
+    names = [n for n, _ in adapted.named_parameters()]
+    view = lora_fx.checkpoint_layers(adapted)
+    before = [p.detach().clone() for p in lora_fx.lora_parameters(adapted)]
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+    view.train()
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(Z.first_output(view(ids)).flatten(0, 1), ids.roll(-1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(b, p) for b, p in zip(before, lora_fx.lora_parameters(adapted)))
+    assert graph_signature(adapted.graph) == signature  # the view changed nothing of the adapted model
+    assert [n for n, _ in adapted.named_parameters()] == names
+    view.eval()
+    folded = lora_fx.fold(adapted)
+    with torch.no_grad():
+        _close(Z.first_output(folded(ids)), Z.first_output(adapted(ids)))
+        _close(Z.first_output(view(ids)), Z.first_output(adapted(ids)))
+
+
+def test_view_train_switches_only_lora_branches_fx_front_end():
+    """A model with BatchNorm in each block, fx front end: the base stays in eval under view.train() (its running
+    statistics do not move), as it does under adapted.train()."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    adapted = lora_fx.adapt(Net(), lora_fx.Rule(module_type="Linear", r=2), example_inputs=(x,), frontend="fx")
+    randomize_lora(adapted)
+    view = lora_fx.checkpoint_layers(adapted, "full").train()
+    stats = [b.detach().clone() for b in adapted.buffers()]
+    assert view.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(lora.training for lora in adapted.lora_fx.values())
+    loss, grads = _loss_and_grads(adapted, adapted, x)
+    loss_v, grads_v = _loss_and_grads(view, adapted, x)
+    _close(loss_v, loss)
+    for g_v, g in zip(grads_v, grads):
+        _close(g_v, g)
+    assert all(torch.equal(s, b) for s, b in zip(stats, adapted.buffers()))
+
+
+def test_train_and_save_adapter_take_the_view(tmp_path):
+    _, adapted, ids = _adapted_llama()
+    view = lora_fx.checkpoint_layers(adapted)
+    batches = [ids] * 4
+    losses = lora_fx.train(view, batches, lambda m, b: _loss(m, b), steps=4, lr=1e-2)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    path = lora_fx.save_adapter(view, tmp_path / "adapter")
+    fresh = lora_fx.adapt(_llama()[0], lora_fx.Rule(name="q_proj|v_proj|down_proj", r=4, alpha=8),
+                          example_inputs=(ids,))
+    lora_fx.load_adapter(fresh, path)
+    with torch.no_grad():
+        _close(Z.first_output(fresh(ids)), Z.first_output(adapted(ids)))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_says_what_and_how():
+    _, adapted, ids = _adapted_llama(layers=2)
+    with pytest.raises(lora_fx.InputError, match="unknown checkpoint policy 'some'") as e:
+        lora_fx.checkpoint_layers(adapted, "some")
+    assert "matmuls" in e.value.fix
+    with pytest.raises(lora_fx.InputError, match="no items of a module list 'model.blocks'") as e:
+        lora_fx.checkpoint_layers(adapted, layers="model.blocks")
+    assert "model.layers" in e.value.fix
+    view = lora_fx.checkpoint_layers(adapted)
+    with pytest.raises(lora_fx.InputError, match="checkpointed training view") as e:
+        lora_fx.fold(view)
+    assert "view.adapted" in e.value.fix
+    with pytest.raises(lora_fx.FoldError, match="not adapted"):
+        lora_fx.checkpoint_layers(_llama(layers=2)[0])
+
+    single = lora_fx.adapt(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), example_inputs=(torch.randn(2, 8),))
+    with pytest.raises(lora_fx.InputError, match="no repeated layers"):
+        lora_fx.checkpoint_layers(single)
