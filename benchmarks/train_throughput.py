@@ -15,6 +15,11 @@ decoder layers, lm_head excluded; r=16, alpha=32, dropout 0; A/B in fp32 as both
   lora_fx_eager, lora_fx_compile    lora_fx.adapt (torch.export front end), eager / torch.compile
   lora_fx_compile_recompute         lora_fx_compile with torch.compile's activation memory budget (--memory-budget):
                                     the partitioner recomputes cheap activations instead of saving them (opt-in)
+  lora_fx_ckpt_full, lora_fx_ckpt_matmuls
+                                    lora_fx eager trained through lora_fx.checkpoint_layers(adapted, policy): each
+                                    decoder layer recomputes its activations in the backward pass (opt-in)
+  peft_ckpt, full_ft_ckpt           PEFT / full FT with transformers' gradient checkpointing (non-reentrant), the
+                                    peers' way to the same memory (opt-in)
   full_ft                           full fine-tuning: bf16 params, bf16 grads, AdamW states in bf16 (torchtune-style)
   full_ft_fp32master                full fine-tuning: fp32 params/grads/AdamW states, bf16 autocast (HF Trainer style)
   full_ft_compile                   full_ft under torch.compile (opt-in: not in the default list)
@@ -74,6 +79,10 @@ VARIANTS = {
     "lora_fx_eager": ("lora_fx", False, True),
     "lora_fx_compile": ("lora_fx", True, True),
     "lora_fx_compile_recompute": ("lora_fx", True, True),  # torch.compile with an activation memory budget
+    "lora_fx_ckpt_full": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(policy="full")
+    "lora_fx_ckpt_matmuls": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(policy="matmuls")
+    "peft_ckpt": ("peft", False, True),  # transformers gradient checkpointing + PEFT
+    "full_ft_ckpt": ("full_ft", False, False),  # transformers gradient checkpointing, full fine-tuning
     "full_ft": ("full_ft", False, False),
     "full_ft_fp32master": ("full_ft_fp32master", False, False),
     "full_ft_compile": ("full_ft", True, False),
@@ -238,8 +247,9 @@ def llama_config(a):
     return cfg
 
 
-def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Random-weight LlamaForCausalLM in `dtype`, built directly on `device` (falls back to CPU build + move)."""
+def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpointing: bool = False):
+    """Random-weight LlamaForCausalLM in `dtype`, built directly on `device` (falls back to CPU build + move);
+    checkpointing=True turns on transformers' gradient checkpointing (non-reentrant)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
     try:
@@ -249,6 +259,8 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.to(device)
     model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
@@ -387,7 +399,7 @@ def trainable_of(model) -> tuple[list, int]:
 
 def run_peft(a, name, target, cfg, device, batches, pinfo, calib) -> dict:
     from peft import LoraConfig, get_peft_model
-    model = build_model(cfg, device, torch.bfloat16)
+    model = build_model(cfg, device, torch.bfloat16, checkpointing=name.endswith("_ckpt"))
     model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, bias="none",
                                              target_modules=list(TARGET_MODULES[target])))
     params, n = trainable_of(model)
@@ -403,7 +415,7 @@ def run_peft(a, name, target, cfg, device, batches, pinfo, calib) -> dict:
 def run_full(a, name, cfg, device, batches, pinfo, calib) -> dict:
     impl = VARIANTS[name][0]
     dtype = torch.float32 if impl == "full_ft_fp32master" else torch.bfloat16
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, checkpointing=name.endswith("_ckpt"))
     params, n = trainable_of(model)
     try:
         res = run_training(a, name, model, params, device, batches, flops_per_step(a, pinfo, n, True), n)
@@ -513,6 +525,8 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
         fe, fc = _get(results, "lora_fx_eager", t), _get(results, "lora_fx_compile", t)
         fr = _get(results, "lora_fx_compile_recompute", t)
         pe, pc = _get(results, "peft_eager", t), _get(results, "peft_compile", t)
+        ck, ckm, pk = (_get(results, v, t) for v in ("lora_fx_ckpt_full", "lora_fx_ckpt_matmuls", "peft_ckpt"))
+        full_k = _get(results, "full_ft_ckpt", None)
         r = {
             "lora_fx_vs_peft_eager_tokens": ratio(fe, pe, "tokens_per_s"),
             "lora_fx_vs_peft_compile_tokens": ratio(fc, pc, "tokens_per_s"),
@@ -525,10 +539,18 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
             "lora_recompute_vs_full_ft_peak_mem": ratio(fr, full, "peak_mem_gb"),
             "lora_recompute_vs_peft_compile_tokens": ratio(fr, pc, "tokens_per_s"),
             "lora_recompute_vs_full_ft_tokens": ratio(fr, full, "tokens_per_s"),
+            "lora_ckpt_full_vs_full_ft_peak_mem": ratio(ck, full, "peak_mem_gb"),
+            "lora_ckpt_full_vs_full_ft_tokens": ratio(ck, full, "tokens_per_s"),
+            "lora_ckpt_matmuls_vs_full_ft_peak_mem": ratio(ckm, full, "peak_mem_gb"),
+            "lora_ckpt_matmuls_vs_full_ft_tokens": ratio(ckm, full, "tokens_per_s"),
+            "lora_fx_ckpt_full_vs_peft_ckpt_tokens": ratio(ck, pk, "tokens_per_s"),
+            "lora_fx_ckpt_full_vs_peft_ckpt_peak_mem": ratio(ck, pk, "peak_mem_gb"),
+            "lora_ckpt_full_vs_full_ft_ckpt_peak_mem": ratio(ck, full_k, "peak_mem_gb"),
+            "lora_ckpt_full_vs_full_ft_ckpt_tokens": ratio(ck, full_k, "tokens_per_s"),
             "mfu_lora_fx_eager": fe and fe.get("mfu"), "mfu_lora_fx_compile": fc and fc.get("mfu"),
             "mfu_peft_eager": pe and pe.get("mfu"), "mfu_peft_compile": pc and pc.get("mfu"),
-            "trainable_params_equal": (fe or fc) is not None and (pe or pc) is not None
-            and (fe or fc)["trainable_params"] == (pe or pc)["trainable_params"],
+            "trainable_params_equal": None if (fe or fc) is None or (pe or pc) is None
+            else (fe or fc)["trainable_params"] == (pe or pc)["trainable_params"],
         }
         ratios[t] = r
         best_mfu = max([x for x in (r["mfu_lora_fx_eager"], r["mfu_lora_fx_compile"]) if x] or [None],
@@ -538,6 +560,8 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
                 ("lora_fx / PEFT tokens/s, compiled", r["lora_fx_vs_peft_compile_tokens"], ">=", 1.3),
                 ("LoRA / full FT tokens/s (lora_fx eager / full_ft)", r["lora_vs_full_ft_tokens"], ">=", 1.8),
                 ("LoRA / full FT peak memory (lora_fx eager / full_ft)", r["lora_vs_full_ft_peak_mem"], "<=", 0.5),
+                ("LoRA / full FT peak memory (lora_fx checkpoint_layers(full) / full_ft)",
+                 r["lora_ckpt_full_vs_full_ft_peak_mem"], "<=", 0.5),
                 ("MFU, best lora_fx variant", best_mfu, ">=", 0.45)):
             met = None if value is None else (value >= goal if op == ">=" else value <= goal)
             checks.append({"target": t, "name": label, "value": value, "goal": f"{op} {goal}", "met": met,
@@ -587,6 +611,18 @@ def report(data) -> str:
             ("LoRA compiled+recompute / full FT peak memory (bf16 full FT)", "lora_recompute_vs_full_ft_peak_mem", ".2f"),
             ("LoRA compiled+recompute / full FT tokens/s", "lora_recompute_vs_full_ft_tokens", ".2f"),
             ("lora_fx compiled+recompute / PEFT compiled tokens/s", "lora_recompute_vs_peft_compile_tokens", ".2f"),
+            ("LoRA checkpoint_layers(full) / full FT peak memory", "lora_ckpt_full_vs_full_ft_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers(full) / full FT tokens/s", "lora_ckpt_full_vs_full_ft_tokens", ".2f"),
+            ("LoRA checkpoint_layers(matmuls) / full FT peak memory", "lora_ckpt_matmuls_vs_full_ft_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers(matmuls) / full FT tokens/s", "lora_ckpt_matmuls_vs_full_ft_tokens", ".2f"),
+            ("lora_fx checkpoint_layers(full) / PEFT gradient checkpointing tokens/s",
+             "lora_fx_ckpt_full_vs_peft_ckpt_tokens", ".2f"),
+            ("lora_fx checkpoint_layers(full) / PEFT gradient checkpointing peak memory",
+             "lora_fx_ckpt_full_vs_peft_ckpt_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers(full) / full FT with checkpointing, peak memory",
+             "lora_ckpt_full_vs_full_ft_ckpt_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers(full) / full FT with checkpointing, tokens/s",
+             "lora_ckpt_full_vs_full_ft_ckpt_tokens", ".2f"),
             ("MFU lora_fx eager", "mfu_lora_fx_eager", ".1%"), ("MFU lora_fx compiled", "mfu_lora_fx_compile", ".1%"),
             ("MFU PEFT eager", "mfu_peft_eager", ".1%"), ("MFU PEFT compiled", "mfu_peft_compile", ".1%"),
             ("same trainable params (lora_fx, PEFT)", "trainable_params_equal", "")]
@@ -683,11 +719,12 @@ def main(argv=None) -> int:
     plan = []
     first = a.targets[0] if a.targets else None
     for t in a.targets:
-        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager") if v in a.variants]
+        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager", "peft_ckpt", "lora_fx_ckpt_full",
+                                  "lora_fx_ckpt_matmuls") if v in a.variants]
         if t == first:
-            plan += [(v, None) for v in ("full_ft", "full_ft_fp32master") if v in a.variants]
+            plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     if not a.targets:
-        plan += [(v, None) for v in ("full_ft", "full_ft_fp32master") if v in a.variants]
+        plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     for t in a.targets:
         plan += [(v, t) for v in ("lora_fx_compile", "peft_compile", "lora_fx_compile_recompute") if v in a.variants]
     if "full_ft_compile" in a.variants:
@@ -731,11 +768,15 @@ def main(argv=None) -> int:
                     _, n_all = trainable_of(adapted)
                     if n_all != n:
                         raise RuntimeError(f"{n_all} trainable parameters but {n} LoRA parameters")
-                    rec.update(run_training(a, name, adapted, params, device, batches,
+                    trained = adapted
+                    if "_ckpt_" in name:  # a training view over the same parameters; fold etc. take `adapted`
+                        trained = lora_fx.checkpoint_layers(adapted, policy=name.rsplit("_", 1)[1])
+                        rec["checkpointed_layers"] = len(trained.layers)
+                    rec.update(run_training(a, name, trained, params, device, batches,
                                             flops_per_step(a, pinfo, n, False), n))
                     rec["lora_dtype"] = sorted({str(p.dtype) for p in params})
-                    del params
-                    if not compiled:  # fold (+ export) once per target, on the eager run's module
+                    del params, trained
+                    if name == "lora_fx_eager":  # fold (+ export) once per target, on the eager run's module
                         ops.update(lora_fx_fold_ops(a, adapted, device, data["calibration"] or {}, batches[0][0]))
                 finally:
                     data["ops"].append(ops)
