@@ -87,3 +87,58 @@ def test_train_throughput_tiny_runs_end_to_end(tmp_path):
         assert _positive(ratios["lora_fx_vs_peft_compile_tokens"])
         assert ratios["trainable_params_equal"] is True
     assert {c["name"] for c in data["checks"]} >= {"lora_fx / PEFT tokens/s, eager", "MFU, best lora_fx variant"}
+
+
+FSDP_SCRIPT = ROOT / "benchmarks" / "train_fsdp2.py"
+
+
+@pytest.mark.slow  # about 40 s on 2 CPU cores: two torchrun launches (1 and 2 processes), a torch.export trace each
+def test_train_fsdp2_tiny_runs_on_one_and_two_processes(tmp_path):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    have_peft = importlib.util.find_spec("peft") is not None
+    variants = ["lora_fx_eager", "full_ft"] + (["peft_eager"] if have_peft else [])
+    out = tmp_path / "fsdp_tiny.json"
+    proc = subprocess.run([sys.executable, str(FSDP_SCRIPT), "--tiny", "--gpus", "1,2", "--variants", ",".join(variants),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| variant | GPUs | tokens/s per GPU (mean / min) | global tokens/s |" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert {"meta", "args", "runs", "results", "ratios", "notes"} <= set(data)
+    assert [(r["gpus"], r["status"], r["world"], r["backend"]) for r in data["runs"]] == [(1, "ok", 1, "gloo"),
+                                                                                          (2, "ok", 2, "gloo")]
+    assert any("GraphModule root only" in n for n in data["notes"])
+    results = {(r["variant"], r["gpus"]): r for r in data["results"]}
+    assert set(results) == {(v, n) for v in variants for n in (1, 2)}
+    for (variant, n), r in results.items():
+        tracebacks = [p.get("traceback") for p in r.get("per_rank", [])]
+        assert r["status"] == "ok", (variant, n, r.get("error"), tracebacks)
+        assert r["world"] == n and len(r["per_rank"]) == n
+        per_rank = [p["tokens_per_s"] for p in r["per_rank"]]
+        assert all(_positive(t) for t in per_rank), (variant, n, per_rank)
+        for key in ("tokens_per_s_per_gpu", "tokens_per_s_global", "step_s_median", "mfu", "scaling_efficiency"):
+            assert _positive(r[key]), (variant, n, key, r[key])
+        assert r["tokens_per_s_global"] == pytest.approx(sum(per_rank), rel=1e-9)
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(sum(per_rank) / n, rel=1e-9)
+        assert r["tokens_per_s_per_gpu_min"] == pytest.approx(min(per_rank), rel=1e-9)
+        assert r["final_loss_finite"] and all(math.isfinite(p["final_loss"]) for p in r["per_rank"])
+        assert r["peak_mem_gb"] is None  # CPU: not measured
+        # N=1: no FSDP at all; N=2: every parameter a DTensor on every rank (lora_fx: the root unit holds them all)
+        assert [p["sharded_params_fraction"] for p in r["per_rank"]] == [1.0 if n == 2 else 0.0] * n, (variant, n)
+        if n == 1:
+            assert r["scaling_efficiency"] == 1.0
+    lora = results[("lora_fx_eager", 2)]
+    assert lora["trainable_dtypes"] == ["torch.float32"] and "torch.bfloat16" in lora["param_dtypes"]
+    assert 0 < lora["trainable_params"] < data["meta"]["params"]["total"] / 5
+    assert results[("full_ft", 2)]["trainable_params"] == data["meta"]["params"]["total"]
+    losses = [p["final_loss"] for p in lora["per_rank"]]
+    assert losses[0] != losses[1]  # each rank trained on its own data
+    ratios = {x["gpus"]: x["lora_fx_vs_peft_tokens_per_gpu"] for x in data["ratios"] if x["target"] == "qv"}
+    assert set(ratios) == {1, 2}
+    if have_peft:
+        for n in (1, 2):
+            assert results[("peft_eager", n)]["trainable_params"] == results[("lora_fx_eager", n)]["trainable_params"]
+            assert _positive(ratios[n])
