@@ -15,9 +15,9 @@ decoder layers, lm_head excluded; r=16, alpha=32, dropout 0; A/B in fp32 as both
   lora_fx_eager, lora_fx_compile    lora_fx.adapt (torch.export front end), eager / torch.compile
   lora_fx_compile_recompute         lora_fx_compile with torch.compile's activation memory budget (--memory-budget):
                                     the partitioner recomputes cheap activations instead of saving them (opt-in)
-  lora_fx_ckpt_full, lora_fx_ckpt_matmuls
-                                    lora_fx eager trained through lora_fx.checkpoint_layers(adapted, policy): each
-                                    decoder layer recomputes its activations in the backward pass (opt-in)
+  lora_fx_ckpt, lora_fx_ckpt_every2 lora_fx eager trained through lora_fx.checkpoint_layers(adapted, every=1 / 2):
+                                    every (every other) decoder layer recomputes its activations in the backward
+                                    pass (opt-in)
   peft_ckpt, full_ft_ckpt           PEFT / full FT with transformers' gradient checkpointing (non-reentrant), the
                                     peers' way to the same memory (opt-in)
   full_ft                           full fine-tuning: bf16 params, bf16 grads, AdamW states in bf16 (torchtune-style)
@@ -79,8 +79,8 @@ VARIANTS = {
     "lora_fx_eager": ("lora_fx", False, True),
     "lora_fx_compile": ("lora_fx", True, True),
     "lora_fx_compile_recompute": ("lora_fx", True, True),  # torch.compile with an activation memory budget
-    "lora_fx_ckpt_full": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(policy="full")
-    "lora_fx_ckpt_matmuls": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(policy="matmuls")
+    "lora_fx_ckpt": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(every=1)
+    "lora_fx_ckpt_every2": ("lora_fx", False, True),  # lora_fx.checkpoint_layers(every=2)
     "peft_ckpt": ("peft", False, True),  # transformers gradient checkpointing + PEFT
     "full_ft_ckpt": ("full_ft", False, False),  # transformers gradient checkpointing, full fine-tuning
     "full_ft": ("full_ft", False, False),
@@ -525,7 +525,7 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
         fe, fc = _get(results, "lora_fx_eager", t), _get(results, "lora_fx_compile", t)
         fr = _get(results, "lora_fx_compile_recompute", t)
         pe, pc = _get(results, "peft_eager", t), _get(results, "peft_compile", t)
-        ck, ckm, pk = (_get(results, v, t) for v in ("lora_fx_ckpt_full", "lora_fx_ckpt_matmuls", "peft_ckpt"))
+        ck, ck2, pk = (_get(results, v, t) for v in ("lora_fx_ckpt", "lora_fx_ckpt_every2", "peft_ckpt"))
         full_k = _get(results, "full_ft_ckpt", None)
         r = {
             "lora_fx_vs_peft_eager_tokens": ratio(fe, pe, "tokens_per_s"),
@@ -539,14 +539,14 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
             "lora_recompute_vs_full_ft_peak_mem": ratio(fr, full, "peak_mem_gb"),
             "lora_recompute_vs_peft_compile_tokens": ratio(fr, pc, "tokens_per_s"),
             "lora_recompute_vs_full_ft_tokens": ratio(fr, full, "tokens_per_s"),
-            "lora_ckpt_full_vs_full_ft_peak_mem": ratio(ck, full, "peak_mem_gb"),
-            "lora_ckpt_full_vs_full_ft_tokens": ratio(ck, full, "tokens_per_s"),
-            "lora_ckpt_matmuls_vs_full_ft_peak_mem": ratio(ckm, full, "peak_mem_gb"),
-            "lora_ckpt_matmuls_vs_full_ft_tokens": ratio(ckm, full, "tokens_per_s"),
-            "lora_fx_ckpt_full_vs_peft_ckpt_tokens": ratio(ck, pk, "tokens_per_s"),
-            "lora_fx_ckpt_full_vs_peft_ckpt_peak_mem": ratio(ck, pk, "peak_mem_gb"),
-            "lora_ckpt_full_vs_full_ft_ckpt_peak_mem": ratio(ck, full_k, "peak_mem_gb"),
-            "lora_ckpt_full_vs_full_ft_ckpt_tokens": ratio(ck, full_k, "tokens_per_s"),
+            "lora_ckpt_vs_full_ft_peak_mem": ratio(ck, full, "peak_mem_gb"),
+            "lora_ckpt_vs_full_ft_tokens": ratio(ck, full, "tokens_per_s"),
+            "lora_ckpt_every2_vs_full_ft_peak_mem": ratio(ck2, full, "peak_mem_gb"),
+            "lora_ckpt_every2_vs_full_ft_tokens": ratio(ck2, full, "tokens_per_s"),
+            "lora_fx_ckpt_vs_peft_ckpt_tokens": ratio(ck, pk, "tokens_per_s"),
+            "lora_fx_ckpt_vs_peft_ckpt_peak_mem": ratio(ck, pk, "peak_mem_gb"),
+            "lora_ckpt_vs_full_ft_ckpt_peak_mem": ratio(ck, full_k, "peak_mem_gb"),
+            "lora_ckpt_vs_full_ft_ckpt_tokens": ratio(ck, full_k, "tokens_per_s"),
             "mfu_lora_fx_eager": fe and fe.get("mfu"), "mfu_lora_fx_compile": fc and fc.get("mfu"),
             "mfu_peft_eager": pe and pe.get("mfu"), "mfu_peft_compile": pc and pc.get("mfu"),
             "trainable_params_equal": None if (fe or fc) is None or (pe or pc) is None
@@ -560,8 +560,10 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
                 ("lora_fx / PEFT tokens/s, compiled", r["lora_fx_vs_peft_compile_tokens"], ">=", 1.3),
                 ("LoRA / full FT tokens/s (lora_fx eager / full_ft)", r["lora_vs_full_ft_tokens"], ">=", 1.8),
                 ("LoRA / full FT peak memory (lora_fx eager / full_ft)", r["lora_vs_full_ft_peak_mem"], "<=", 0.5),
-                ("LoRA / full FT peak memory (lora_fx checkpoint_layers(full) / full_ft)",
-                 r["lora_ckpt_full_vs_full_ft_peak_mem"], "<=", 0.5),
+                ("LoRA / full FT peak memory (lora_fx checkpoint_layers(every=2) / full_ft)",
+                 r["lora_ckpt_every2_vs_full_ft_peak_mem"], "<=", 0.5),
+                ("LoRA / full FT peak memory (lora_fx checkpoint_layers(every=1) / full_ft)",
+                 r["lora_ckpt_vs_full_ft_peak_mem"], "<=", 0.5),
                 ("MFU, best lora_fx variant", best_mfu, ">=", 0.45)):
             met = None if value is None else (value >= goal if op == ">=" else value <= goal)
             checks.append({"target": t, "name": label, "value": value, "goal": f"{op} {goal}", "met": met,
@@ -611,18 +613,18 @@ def report(data) -> str:
             ("LoRA compiled+recompute / full FT peak memory (bf16 full FT)", "lora_recompute_vs_full_ft_peak_mem", ".2f"),
             ("LoRA compiled+recompute / full FT tokens/s", "lora_recompute_vs_full_ft_tokens", ".2f"),
             ("lora_fx compiled+recompute / PEFT compiled tokens/s", "lora_recompute_vs_peft_compile_tokens", ".2f"),
-            ("LoRA checkpoint_layers(full) / full FT peak memory", "lora_ckpt_full_vs_full_ft_peak_mem", ".2f"),
-            ("LoRA checkpoint_layers(full) / full FT tokens/s", "lora_ckpt_full_vs_full_ft_tokens", ".2f"),
-            ("LoRA checkpoint_layers(matmuls) / full FT peak memory", "lora_ckpt_matmuls_vs_full_ft_peak_mem", ".2f"),
-            ("LoRA checkpoint_layers(matmuls) / full FT tokens/s", "lora_ckpt_matmuls_vs_full_ft_tokens", ".2f"),
-            ("lora_fx checkpoint_layers(full) / PEFT gradient checkpointing tokens/s",
-             "lora_fx_ckpt_full_vs_peft_ckpt_tokens", ".2f"),
-            ("lora_fx checkpoint_layers(full) / PEFT gradient checkpointing peak memory",
-             "lora_fx_ckpt_full_vs_peft_ckpt_peak_mem", ".2f"),
-            ("LoRA checkpoint_layers(full) / full FT with checkpointing, peak memory",
-             "lora_ckpt_full_vs_full_ft_ckpt_peak_mem", ".2f"),
-            ("LoRA checkpoint_layers(full) / full FT with checkpointing, tokens/s",
-             "lora_ckpt_full_vs_full_ft_ckpt_tokens", ".2f"),
+            ("LoRA checkpoint_layers / full FT peak memory", "lora_ckpt_vs_full_ft_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers / full FT tokens/s", "lora_ckpt_vs_full_ft_tokens", ".2f"),
+            ("LoRA checkpoint_layers(every=2) / full FT peak memory", "lora_ckpt_every2_vs_full_ft_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers(every=2) / full FT tokens/s", "lora_ckpt_every2_vs_full_ft_tokens", ".2f"),
+            ("lora_fx checkpoint_layers / PEFT gradient checkpointing tokens/s",
+             "lora_fx_ckpt_vs_peft_ckpt_tokens", ".2f"),
+            ("lora_fx checkpoint_layers / PEFT gradient checkpointing peak memory",
+             "lora_fx_ckpt_vs_peft_ckpt_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers / full FT with checkpointing, peak memory",
+             "lora_ckpt_vs_full_ft_ckpt_peak_mem", ".2f"),
+            ("LoRA checkpoint_layers / full FT with checkpointing, tokens/s",
+             "lora_ckpt_vs_full_ft_ckpt_tokens", ".2f"),
             ("MFU lora_fx eager", "mfu_lora_fx_eager", ".1%"), ("MFU lora_fx compiled", "mfu_lora_fx_compile", ".1%"),
             ("MFU PEFT eager", "mfu_peft_eager", ".1%"), ("MFU PEFT compiled", "mfu_peft_compile", ".1%"),
             ("same trainable params (lora_fx, PEFT)", "trainable_params_equal", "")]
@@ -719,8 +721,8 @@ def main(argv=None) -> int:
     plan = []
     first = a.targets[0] if a.targets else None
     for t in a.targets:
-        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager", "peft_ckpt", "lora_fx_ckpt_full",
-                                  "lora_fx_ckpt_matmuls") if v in a.variants]
+        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager", "peft_ckpt", "lora_fx_ckpt", "lora_fx_ckpt_every2")
+                 if v in a.variants]
         if t == first:
             plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     if not a.targets:
@@ -769,8 +771,8 @@ def main(argv=None) -> int:
                     if n_all != n:
                         raise RuntimeError(f"{n_all} trainable parameters but {n} LoRA parameters")
                     trained = adapted
-                    if "_ckpt_" in name:  # a training view over the same parameters; fold etc. take `adapted`
-                        trained = lora_fx.checkpoint_layers(adapted, policy=name.rsplit("_", 1)[1])
+                    if "_ckpt" in name:  # a training view over the same parameters; fold etc. take `adapted`
+                        trained = lora_fx.checkpoint_layers(adapted, every=2 if name.endswith("every2") else 1)
                         rec["checkpointed_layers"] = len(trained.layers)
                     rec.update(run_training(a, name, trained, params, device, batches,
                                             flops_per_step(a, pinfo, n, False), n))

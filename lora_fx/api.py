@@ -310,16 +310,15 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
                           accumulate_dtype=accumulate_dtype).graph_module
 
 
-def checkpoint_layers(adapted: fx.GraphModule, policy: str = "matmuls", *, layers: str | None = None) -> nn.Module:
-    """A training view of `adapted` that keeps fewer activations: each repeated layer runs under activation
-    checkpointing and recomputes what it did not keep in the backward pass (passes/checkpoint.py).
+def checkpoint_layers(adapted: fx.GraphModule, *, every: int = 1, layers: str | None = None) -> nn.Module:
+    """A training view of `adapted` that keeps fewer activations: its repeated layers run under activation
+    checkpointing, keeping only their inputs and recomputing the rest in the backward pass (passes/checkpoint.py).
 
-    policy="matmuls" keeps matmul and attention outputs and recomputes the elementwise work between them;
-    policy="full" keeps only each layer's input. layers: the module list to split at (default: the one with the
-    most items, e.g. "model.layers"). The view computes the same values with the same parameters; train it, then
-    fold, save and export `adapted` itself (the view is left out of those)."""
+    every=k checkpoints every k-th layer (memory saved and compute added both scale with it). layers: the module
+    list to split at (default: the one with the most items, e.g. "model.layers"). The view computes the same values
+    with the same parameters; train it, then fold, save and export `adapted` itself."""
     _container(adapted)
-    return checkpoint_pass(adapted, policy, layers).view
+    return checkpoint_pass(adapted, every, layers).view
 
 
 def _sharded_parameters(module: nn.Module) -> list[str]:

@@ -43,7 +43,7 @@ def test_default_model_is_about_1b_and_flops_follow_the_formula():
 @pytest.mark.slow  # about 30-60 s on a small CPU machine: two torch.export traces and two (aot_eager) compiles
 def test_train_throughput_tiny_runs_end_to_end(tmp_path):
     have_peft = importlib.util.find_spec("peft") is not None
-    variants = ["lora_fx_eager", "lora_fx_compile", "full_ft", "full_ft_fp32master"]
+    variants = ["lora_fx_eager", "lora_fx_compile", "lora_fx_ckpt", "full_ft", "full_ft_fp32master"]
     if have_peft:
         variants += ["peft_eager", "peft_compile"]
     out = tmp_path / "tiny.json"
@@ -80,8 +80,11 @@ def test_train_throughput_tiny_runs_end_to_end(tmp_path):
     for key in ("adapt_s", "fold_s_median", "fold_gbps", "fold_bytes", "fold_frac_of_copy_bw"):
         assert _positive(ops[0][key]), (key, ops[0][key])
 
+    assert results[("lora_fx_ckpt", "qv")]["checkpointed_layers"] == data["meta"]["config"]["num_hidden_layers"]
+
     ratios = data["ratios"]["qv"]
     assert _positive(ratios["lora_vs_full_ft_tokens"]) and _positive(ratios["mfu_lora_fx_eager"])
+    assert _positive(ratios["lora_ckpt_vs_full_ft_tokens"])
     if have_peft:
         assert _positive(ratios["lora_fx_vs_peft_eager_tokens"])
         assert _positive(ratios["lora_fx_vs_peft_compile_tokens"])
