@@ -11,6 +11,7 @@ merge_adapter / unmerge_adapter switch adapters in place on an adapted graph: me
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Iterator
 
@@ -102,13 +103,16 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
         raise _not_adapted(gm)
     new_weights = folded_weights(gm, adapters, accumulate_dtype)  # checks A, B before anything changes
 
-    target = gm if inplace else clone_graph_module(gm)
-    removed = strip_lora_nodes(target.graph)
-    restored = restore_attention(target.graph)  # SDPA calls adapt switched to is_causal get their mask back
-    difference = first_difference(state.original_graph, graph_signature(target.graph))
+    graph = copy.deepcopy(gm.graph)  # edited and checked before any module changes; its code is generated once
+    removed = strip_lora_nodes(graph)
+    restored = restore_attention(graph)  # SDPA calls adapt switched to is_causal get their mask back
+    difference = first_difference(state.original_graph, graph_signature(graph))
     if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
         raise FoldError(f"the folded graph differs from the traced original: {difference}",
                         where=type(gm).__name__, fix="please report this as a lora_fx bug")
+    target = gm if inplace else clone_graph_module(gm, graph=graph)
+    if inplace:
+        gm.graph = graph  # the setter generates the code
     folded = []
     with torch.no_grad():
         for name, value in new_weights:
@@ -121,7 +125,6 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
         target._modules.pop(container_name(adapter), None)
     if inplace:
         target.meta.pop("lora_fx", None)
-    target.recompile()
     changes = [f"folded the LoRA of {name}" for name in folded] + [f"removed {removed} LoRA nodes"]
     changes += [f"restored {restored} masked attention calls"] if restored else []
     return PassResult(target, True, changes)

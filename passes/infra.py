@@ -58,10 +58,12 @@ def first_difference(expected: list[tuple], actual: list[tuple]) -> str | None:
     return None
 
 
-def clone_graph_module(gm: fx.GraphModule, class_name: str | None = None) -> fx.GraphModule:
-    """A new GraphModule over a copy of gm's graph with its own module objects over gm's tensors (no weight
-    copies): the two share parameters and buffers, never a module, so .train()/.eval() on one leaves the other."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=class_name or type(gm).__name__)
+def clone_graph_module(gm: fx.GraphModule, class_name: str | None = None, graph: fx.Graph | None = None) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph (or over `graph`, a copy already edited: one code generation
+    instead of two) with its own module objects over gm's tensors (no weight copies): the two share parameters and
+    buffers, never a module, so .train()/.eval() on one leaves the other."""
+    new = fx.GraphModule(gm, graph if graph is not None else copy.deepcopy(gm.graph),
+                         class_name=class_name or type(gm).__name__)
     own_module_tree(new)
     new.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if k not in ("lora_fx", _PRESERVED)}
     new.training = gm.training

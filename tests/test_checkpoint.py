@@ -219,3 +219,19 @@ def test_bad_input_says_what_and_how():
     single = lora_fx.adapt(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), example_inputs=(torch.randn(2, 8),))
     with pytest.raises(lora_fx.InputError, match="no repeated layers"):
         lora_fx.checkpoint_layers(single)
+
+
+def test_view_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) takes the view (non-reentrant checkpoint is a higher-order op for dynamo),
+    with the same loss and gradients as the adapted model."""
+    _, adapted, ids = _adapted_llama(layers=2)
+    view = lora_fx.checkpoint_layers(adapted).train()
+    compiled = torch.compile(lambda batch: _loss(view, batch), backend="aot_eager", fullgraph=True)
+    params = list(lora_fx.lora_parameters(adapted))
+    loss = compiled(ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    loss_ref, grads_ref = _loss_and_grads(adapted, adapted, ids)
+    _close(loss.detach(), loss_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        _close(g, g_ref)
