@@ -7,7 +7,7 @@
 The model, data, LoRA setup, precision, timing and FLOP count are those of benchmarks/train_throughput.py (imported
 from the same folder; every model/step option of that script is accepted: --batch, --seq, --steps, --warmup, --hidden,
 --layers, --heads, --kv-heads, --intermediate, --vocab, --r, --alpha, --lr, --matmul-size, --copy-mib, --device).
-Variants: lora_fx_eager, peft_eager, full_ft (and full_ft_fp32master): LoRA r=16 alpha=32 on q_proj,v_proj, base
+Variants: lora_fx_eager, peft_eager, full_ft (and opt-in lora_fx_root, full_ft_fp32master): LoRA r=16 alpha=32 on q_proj,v_proj, base
 bf16, A/B fp32, forward under torch.autocast(bf16), AdamW (fused on CUDA) built after sharding.
 
 How: the launcher runs, for each N in --gpus, `python -m torch.distributed.run --standalone --nproc-per-node N
@@ -15,10 +15,11 @@ How: the launcher runs, for each N in --gpus, `python -m torch.distributed.run -
 table. A failing N is recorded (with its output tail); the others still run.
   N == 1: no FSDP at all: the plain single-GPU run is the baseline.
   N >= 2: peft_eager and full_ft: the standard recipe, fully_shard on every decoder layer, then on the root.
-          lora_fx_eager: fully_shard on the adapted GraphModule root only. A torch.export graph reads the base
-          weights with get_attr nodes and never calls the layer submodules, so their FSDP hooks never run and
-          sharding one fails with "got mixed torch.Tensor and DTensor" (docs/tutorials.md, section 4). The whole
-          model is then one FSDP unit: all-gathered once before forward, resharded after backward.
+          lora_fx_eager: the same recipe on lora_fx.split_layers(adapted), the layer view of the adapted graph:
+          fully_shard on every layer part (which owns its layer's weights, the adapted model's own modules), then
+          on the view. A torch.export graph itself reads every weight at the top and calls no layer module, so
+          lora_fx_root (opt-in, the only way before split_layers) shards the adapted GraphModule at the root only:
+          one FSDP unit, the whole base gathered on every GPU for the step.
 Each rank trains on its own random data (per-rank batch = --batch); tokens/s per rank = batch*seq / median step.
 Reported per (variant, N): tokens/s per GPU (mean and min over ranks), global tokens/s (sum), slowest rank's median
 step, peak memory (max over ranks), MFU per GPU (each rank against its own measured bf16 matmul rate), and the
@@ -51,12 +52,12 @@ _spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(
 tt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tt)
 
-VARIANTS = ("lora_fx_eager", "peft_eager", "full_ft", "full_ft_fp32master")
+VARIANTS = ("lora_fx_eager", "lora_fx_root", "peft_eager", "full_ft", "full_ft_fp32master")
 DEFAULT_VARIANTS = "lora_fx_eager,peft_eager,full_ft"
-SHARDING_NOTE = ("lora_fx_eager at N>=2: fully_shard on the adapted GraphModule root only (one FSDP unit, no "
-                 "per-layer all-gather/compute overlap): a torch.export graph reads base weights through get_attr "
-                 "nodes and never calls the layer submodules, so sharding them fails with 'got mixed torch.Tensor and "
-                 "DTensor'. peft_eager and full_ft: fully_shard per decoder layer, then the root. N=1: no FSDP.")
+SHARDING_NOTE = ("N>=2: peft_eager and full_ft: fully_shard per decoder layer, then the root. lora_fx_eager: the same "
+                 "on lora_fx.split_layers(adapted) (a part per layer owns that layer's weights). lora_fx_root: "
+                 "fully_shard on the adapted GraphModule root only (one FSDP unit: a torch.export graph reads its "
+                 "weights at the top and calls no layer module). N=1: no FSDP.")
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str], argparse.Namespace]:
@@ -100,11 +101,15 @@ def build_variant(m, name: str, target: str | None, cfg, device, batches, world:
     dtype = torch.float32 if name == "full_ft_fp32master" else torch.bfloat16
     model = tt.build_model(cfg, device, dtype)
     layers = model.model.layers
-    if name == "lora_fx_eager":
+    adapted = None
+    if name.startswith("lora_fx"):
         lora_fx = tt.import_lora_fx()
         rule = lora_fx.Rule(name="|".join(tt.TARGET_MODULES[target]), r=m.r, alpha=m.alpha)
-        module = lora_fx.adapt(model, rules=[rule], example_inputs=(batches[0][0],))
-        layers = []  # the graph never calls the layers: shard the root only (see the docstring)
+        module = adapted = lora_fx.adapt(model, rules=[rule], example_inputs=(batches[0][0],))
+        layers = []  # lora_fx_root: the graph never calls the layers, shard the root only (see the docstring)
+        if name == "lora_fx_eager" and world > 1:
+            module = lora_fx.split_layers(adapted)  # a part per layer, owning its weights
+            layers = [part for parts in module.layer_modules.values() for part in parts]
     elif name == "peft_eager":
         from peft import LoraConfig, get_peft_model
         module = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=0.0, bias="none",
@@ -117,13 +122,15 @@ def build_variant(m, name: str, target: str | None, cfg, device, batches, world:
         for layer in layers:
             fully_shard(layer)
         fully_shard(module)
-    all_params = list(module.parameters())
+    all_params = list((adapted if adapted is not None else module).parameters())
+    units = sum(type(x).__name__.startswith("FSDP") for x in module.modules())  # fully_shard makes FSDP<Class>
     # the optimizer (inside run_training) is built after fully_shard, which replaced the parameters
-    params = list(lora_fx.lora_parameters(module)) if name == "lora_fx_eager" else tt.trainable_of(module)[0]
+    params = list(lora_fx.lora_parameters(adapted)) if adapted is not None else tt.trainable_of(module)[0]
     if sum(p.numel() for p in params) != n_train:
         raise RuntimeError(f"{n_train} trainable parameters but {sum(p.numel() for p in params)} to optimize")
     return {"module": module, "params": params, "trainable": n_train,
             "sharded_params_fraction": sum(isinstance(p, DTensor) for p in all_params) / len(all_params),
+            "fsdp_units": units,
             "param_dtypes": sorted({str(p.dtype) for p in all_params}),
             "trainable_dtypes": sorted({str(p.dtype) for p in params})}
 
@@ -132,8 +139,9 @@ def train_variant(m, name: str, built: dict, device, batches, pinfo, calib: dict
     """Warmup + timed steps (train_throughput.run_training builds the AdamW) and this rank's numbers."""
     n = built["trainable"]
     flops = tt.flops_per_step(m, pinfo, n, name.startswith("full_ft"))
-    res = tt.run_training(m, name, built["module"], built["params"], device, batches, flops, n)
-    res.update({k: built[k] for k in ("sharded_params_fraction", "param_dtypes", "trainable_dtypes")})
+    res = tt.run_training(m, "lora_fx_eager" if name == "lora_fx_root" else name, built["module"], built["params"],
+                          device, batches, flops, n)
+    res.update({k: built[k] for k in ("sharded_params_fraction", "fsdp_units", "param_dtypes", "trainable_dtypes")})
     if calib.get("matmul_tflops"):
         res["mfu"] = res["achieved_tflops"] / calib["matmul_tflops"]
     return res
@@ -164,6 +172,7 @@ def aggregate(recs: list[dict], world: int) -> dict:
             "peak_mem_gb": max(peaks) if peaks else None, "mfu": sum(mfus) / len(mfus) if mfus else None,
             "final_loss_finite": all(math.isfinite(r["final_loss"]) for r in recs),
             "trainable_params": r0["trainable_params"], "sharded_params_fraction": r0["sharded_params_fraction"],
+            "fsdp_units": r0["fsdp_units"],
             "tokens_per_step_per_gpu": r0["tokens_per_step"], "param_dtypes": r0["param_dtypes"],
             "trainable_dtypes": r0["trainable_dtypes"]}
 

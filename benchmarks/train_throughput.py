@@ -773,7 +773,7 @@ def main(argv=None) -> int:
                     trained = adapted
                     if "_ckpt" in name:  # a training view over the same parameters; fold etc. take `adapted`
                         trained = lora_fx.checkpoint_layers(adapted, every=2 if name.endswith("every2") else 1)
-                        rec["checkpointed_layers"] = len(trained.layers)
+                        rec["checkpointed_layers"] = len(trained.checkpointed)
                     rec.update(run_training(a, name, trained, params, device, batches,
                                             flops_per_step(a, pinfo, n, False), n))
                     rec["lora_dtype"] = sorted({str(p.dtype) for p in params})

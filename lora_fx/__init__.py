@@ -8,7 +8,7 @@
 """
 
 from lora_fx.api import (active_adapters, adapt, add_adapter, checkpoint_layers, disable_adapters, fold, lora_parameters,
-                         lora_state_dict, merge_adapter, plan, set_adapter, unmerge_adapter)
+                         lora_state_dict, merge_adapter, plan, set_adapter, split_layers, unmerge_adapter)
 from lora_fx.errors import (AdapterFileError, ExportError, FoldError, InputError, LoraFxError, NoSitesError,
                             RuleError, TraceError, VerifyError)
 from lora_fx.lora import LoraLinear
@@ -50,4 +50,5 @@ __all__ = ["adapt", "fold", "add_adapter", "set_adapter", "active_adapters", "di
            "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
            "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
-           "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport", "checkpoint_layers"]
+           "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport", "checkpoint_layers",
+           "split_layers"]

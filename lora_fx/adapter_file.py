@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lora_fx.errors import AdapterFileError, RuleError
-from lora_fx.passes.checkpoint import CheckpointedModel
+from lora_fx.passes.split_layers import LayerView
 from lora_fx.passes.infra import dtensor_type
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -57,12 +57,12 @@ _OLD_TAG = "lora_fx-old"
 
 # ------------------------------------------------------------------------------------------------ small helpers
 def unwrap(module: Any) -> Any:
-    """The adapted GraphModule inside DistributedDataParallel / torch.compile wrappers or a checkpointed training
-    view (lora_fx.checkpoint_layers), or `module` itself."""
+    """The adapted GraphModule inside DistributedDataParallel / torch.compile wrappers or a layer view
+    (lora_fx.split_layers / checkpoint_layers), or `module` itself."""
     seen = 0
     while seen < 8:
         inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(module, CheckpointedModel):
+        if isinstance(module, LayerView):
             inner = module.adapted
         if inner is None and type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
             inner = getattr(module, "module", None)

@@ -20,7 +20,7 @@ from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.causal_attention import use_causal_attention
-from lora_fx.passes.checkpoint import CheckpointedModel, checkpoint_layers as checkpoint_pass
+from lora_fx.passes.split_layers import LayerView, split_layers as split_pass
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
@@ -310,15 +310,26 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
                           accumulate_dtype=accumulate_dtype).graph_module
 
 
-def checkpoint_layers(adapted: fx.GraphModule, *, every: int = 1, layers: str | None = None) -> nn.Module:
-    """A training view of `adapted` that keeps fewer activations: its repeated layers run under activation
-    checkpointing, keeping only their inputs and recomputing the rest in the backward pass (passes/checkpoint.py).
+def split_layers(adapted: fx.GraphModule, *, checkpoint_every: int = 0, layers: str | None = None) -> LayerView:
+    """A training view of `adapted` with one submodule per repeated layer (passes/split_layers.py): for
+    per-layer FSDP2 (fully_shard each of view.layer_modules, then the view) and activation checkpointing
+    (checkpoint_every=k: every k-th layer keeps only its inputs and recomputes the rest in the backward pass).
 
-    every=k checkpoints every k-th layer (memory saved and compute added both scale with it). layers: the module
-    list to split at (default: the one with the most items, e.g. "model.layers"). The view computes the same values
-    with the same parameters; train it, then fold, save and export `adapted` itself."""
+    layers: the module list to split at (default: the one with the most items, e.g. "model.layers"). The view
+    computes the same values with the same parameters and module objects; train it, then fold, save and export
+    `adapted` itself. Make it after add_adapter calls: it splits the graph as it is then (set_adapter and
+    merge_adapter reach it)."""
     _container(adapted)
-    return checkpoint_pass(adapted, every, layers).view
+    return split_pass(adapted, checkpoint_every, layers).view
+
+
+def checkpoint_layers(adapted: fx.GraphModule, *, every: int = 1, layers: str | None = None) -> LayerView:
+    """split_layers with every `every`-th layer under activation checkpointing: a training view that keeps fewer
+    activations (memory saved and compute added both scale with the layers chosen)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise InputError(f"every must be a positive int, got {every!r}", where="every",
+                         fix="every=1 checkpoints each layer, every=2 every other one")
+    return split_layers(adapted, checkpoint_every=every, layers=layers)
 
 
 def _sharded_parameters(module: nn.Module) -> list[str]:
@@ -328,8 +339,9 @@ def _sharded_parameters(module: nn.Module) -> list[str]:
 
 
 def _container(adapted: Any) -> nn.ModuleDict:
-    if isinstance(adapted, CheckpointedModel):
-        raise InputError("this is the checkpointed training view of an adapted model, not the adapted model",
+    if isinstance(adapted, LayerView):
+        raise InputError("this is the layer view (split_layers / checkpoint_layers) of an adapted model, not the "
+                         "adapted model",
                          where=type(adapted).__name__,
                          fix="pass the model it views: view.adapted (the one lora_fx.adapt returned)")
     if not isinstance(adapted, nn.Module):

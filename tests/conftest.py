@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,3 +72,16 @@ def randomize_lora(adapted, scale: float = 0.1, seed: int = 0) -> None:
     with torch.no_grad():
         for lora in adapted.lora_fx.values():
             lora.lora_B.normal_(0, scale)
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, init_file: str):
+    """One rank of a multi-process CPU test: joins the gloo group, leaves it whatever happens."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

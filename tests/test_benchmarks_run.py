@@ -102,7 +102,7 @@ def test_train_fsdp2_tiny_runs_on_one_and_two_processes(tmp_path):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     have_peft = importlib.util.find_spec("peft") is not None
-    variants = ["lora_fx_eager", "full_ft"] + (["peft_eager"] if have_peft else [])
+    variants = ["lora_fx_eager", "lora_fx_root", "full_ft"] + (["peft_eager"] if have_peft else [])
     out = tmp_path / "fsdp_tiny.json"
     proc = subprocess.run([sys.executable, str(FSDP_SCRIPT), "--tiny", "--gpus", "1,2", "--variants", ",".join(variants),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -113,7 +113,7 @@ def test_train_fsdp2_tiny_runs_on_one_and_two_processes(tmp_path):
     assert {"meta", "args", "runs", "results", "ratios", "notes"} <= set(data)
     assert [(r["gpus"], r["status"], r["world"], r["backend"]) for r in data["runs"]] == [(1, "ok", 1, "gloo"),
                                                                                           (2, "ok", 2, "gloo")]
-    assert any("GraphModule root only" in n for n in data["notes"])
+    assert any("split_layers" in n and "root only" in n for n in data["notes"])
     results = {(r["variant"], r["gpus"]): r for r in data["results"]}
     assert set(results) == {(v, n) for v in variants for n in (1, 2)}
     for (variant, n), r in results.items():
@@ -129,8 +129,11 @@ def test_train_fsdp2_tiny_runs_on_one_and_two_processes(tmp_path):
         assert r["tokens_per_s_per_gpu_min"] == pytest.approx(min(per_rank), rel=1e-9)
         assert r["final_loss_finite"] and all(math.isfinite(p["final_loss"]) for p in r["per_rank"])
         assert r["peak_mem_gb"] is None  # CPU: not measured
-        # N=1: no FSDP at all; N=2: every parameter a DTensor on every rank (lora_fx: the root unit holds them all)
+        # N=1: no FSDP at all; N=2: every parameter a DTensor on every rank
         assert [p["sharded_params_fraction"] for p in r["per_rank"]] == [1.0 if n == 2 else 0.0] * n, (variant, n)
+        # a unit per decoder layer and the root; lora_fx_root: the root only
+        layers = data["args"]["layers"]
+        assert r["fsdp_units"] == (0 if n == 1 else 1 if variant == "lora_fx_root" else layers + 1), (variant, n)
         if n == 1:
             assert r["scaling_efficiency"] == 1.0
     lora = results[("lora_fx_eager", 2)]

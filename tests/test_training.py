@@ -3,7 +3,6 @@ processes (gloo)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -16,6 +15,8 @@ import lora_fx
 from lora_fx.adapter_file import load_adapter, save_adapter
 from lora_fx.errors import AdapterFileError, LoraFxError
 from lora_fx.training import prepare_mixed_precision, train
+
+from conftest import gloo_rank
 
 
 class Net(nn.Module):
@@ -181,19 +182,6 @@ def test_compile_fullgraph_inductor(frontend):
 
 
 # ---------------------------------------------------------------------------------------------------- DDP, 2 processes
-@contextlib.contextmanager
-def _gloo_rank(rank: int, world: int, init_file: str):
-    """One rank of a multi-process CPU test: joins the gloo group, leaves it whatever happens."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
-
-
 def _adapted_on_every_rank():
     """The same adapted model on every rank (same seed: same base and A), with its base and LoRA values before."""
     x, _ = data(8)
@@ -205,7 +193,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from safetensors.torch import save_file
 
-    with _gloo_rank(rank, world, init_file) as dist:
+    with gloo_rank(rank, world, init_file) as dist:
         x, adapted, before, lora_init = _adapted_on_every_rank()
         ddp = DDP(adapted)
         batches = [data(16, seed=100 + 10 * rank + i) for i in range(3)]  # each rank sees other data
@@ -258,7 +246,7 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    with _gloo_rank(rank, world, init_file) as dist:
+    with gloo_rank(rank, world, init_file) as dist:
         x, adapted, before, lora_init = _adapted_on_every_rank()
         fully_shard(adapted)  # every parameter becomes a DTensor sharded on dim 0: each rank keeps half the rows
         sharded = all(isinstance(p, DTensor) for p in adapted.parameters())

@@ -1,6 +1,7 @@
-"""The checkpoint pass (passes/checkpoint.py): lora_fx.checkpoint_layers gives a training view that recomputes
-activations layer by layer. It must compute the same loss and LoRA gradients as the adapted model, keep fewer
-activations alive between forward and backward, and leave the adapted model (fold, save, export) as it was.
+"""The layer split pass (passes/split_layers.py): lora_fx.split_layers / checkpoint_layers give a training view with
+one submodule per layer. It must compute the same loss and LoRA gradients as the adapted model, keep fewer
+activations alive when layers are checkpointed, shard per layer under FSDP2 with the adapted model seeing the shards,
+and leave the adapted model (fold, save, export) as it was.
 
 Tolerances: recomputation replays the same ops on the same inputs with the same RNG state, so on CPU in fp32 the
 values agree exactly in practice; the checks allow 1e-6 relative (a few fp32 ulps) so a kernel that picks another
@@ -23,7 +24,7 @@ import lora_fx
 from lora_fx.passes.infra import graph_signature
 
 import models_zoo as Z
-from conftest import randomize_lora
+from conftest import gloo_rank, randomize_lora
 
 RTOL = 1e-6
 
@@ -104,7 +105,8 @@ def test_view_gives_the_adapted_models_loss_and_lora_gradients(every):
     _, adapted, ids = _adapted_llama(dropout=0.2)  # dropout: the recompute must replay the same masks
     adapted.train()
     view = lora_fx.checkpoint_layers(adapted, every=every)
-    assert view.layers == [f"model.layers.{i}" for i in range(0, 4, every)]
+    assert view.layers == [f"model.layers.{i}" for i in range(4)]
+    assert view.checkpointed == [f"model.layers.{i}" for i in range(0, 4, every)]
     loss, grads = _loss_and_grads(adapted, adapted, ids)
     loss_v, grads_v = _loss_and_grads(view, adapted, ids)
     _close(loss_v, loss)
@@ -175,7 +177,7 @@ def test_view_train_switches_only_lora_branches_fx_front_end():
     randomize_lora(adapted)
     view = lora_fx.checkpoint_layers(adapted).train()
     stats = [b.detach().clone() for b in adapted.buffers()]
-    assert view.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    assert view.checkpointed == ["blocks.0", "blocks.1", "blocks.2"]
     assert all(lora.training for lora in adapted.lora_fx.values())
     loss, grads = _loss_and_grads(adapted, adapted, x)
     loss_v, grads_v = _loss_and_grads(view, adapted, x)
@@ -210,13 +212,15 @@ def test_bad_input_says_what_and_how():
         lora_fx.checkpoint_layers(adapted, layers="model.blocks")
     assert "model.layers" in e.value.fix
     view = lora_fx.checkpoint_layers(adapted)
-    with pytest.raises(lora_fx.InputError, match="checkpointed training view") as e:
+    with pytest.raises(lora_fx.InputError, match="layer view") as e:
         lora_fx.fold(view)
     assert "view.adapted" in e.value.fix
     with pytest.raises(lora_fx.FoldError, match="not adapted"):
         lora_fx.checkpoint_layers(_llama(layers=2)[0])
 
     single = lora_fx.adapt(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), example_inputs=(torch.randn(2, 8),))
+    with pytest.raises(lora_fx.InputError, match="checkpoint_every must be an int >= 0"):
+        lora_fx.split_layers(adapted, checkpoint_every=-1)
     with pytest.raises(lora_fx.InputError, match="no repeated layers"):
         lora_fx.checkpoint_layers(single)
 
@@ -235,3 +239,106 @@ def test_view_compiles_in_one_graph():
     _close(loss.detach(), loss_ref)
     for g, g_ref in zip(grads, grads_ref):
         _close(g, g_ref)
+
+
+# ------------------------------------------------------------------------------------------------ parts own their weights
+def test_each_layer_part_reads_its_own_weights_through_the_adapted_models_modules():
+    """What per-layer FSDP2 needs: a layer's part holds exactly that layer's weights (base and LoRA), as the very
+    module objects of the adapted model, so sharding the part reaches the adapted model."""
+    _, adapted, ids = _adapted_llama(layers=3)
+    view = lora_fx.split_layers(adapted)
+    assert view.checkpointed == [] and view.layers == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    named = dict(adapted.named_parameters())
+    for name, parts in view.layer_modules.items():
+        assert len(parts) == 1
+        index = name.rsplit(".", 1)[1]
+        expected = {id(p) for n, p in named.items()
+                    if n.startswith(name + ".") or n.startswith(f"lora_fx.model_layers_{index}_")}
+        assert {id(p) for p in parts[0].parameters()} == expected
+        owners = {id(m) for m in adapted.modules()}
+        assert all(id(m) in owners for m in parts[0].children())
+    with torch.no_grad():
+        _close(Z.first_output(view(ids)), Z.first_output(adapted(ids)))
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def _blocks(seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 8)
+    return lora_fx.adapt(_Blocks(), lora_fx.Rule(r=2, alpha=4), example_inputs=(x,), frontend="export"), x
+
+
+def _batch(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(16, 8, generator=g), torch.randn(16, 2, generator=g)
+
+
+def _fsdp2_layers_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import json
+
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    with gloo_rank(rank, world, init_file):
+        adapted, _ = _blocks()
+        reference, _ = _blocks()  # the same model, trained in one process on every rank's batch
+        view = lora_fx.split_layers(adapted)
+        for parts in view.layer_modules.values():
+            for part in parts:
+                fully_shard(part)
+        fully_shard(view)
+        units = sum(isinstance(m, FSDPModule) for m in view.modules())
+        adapted_sharded = all(isinstance(p, DTensor) for p in adapted.parameters())
+        opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+        opt_ref = torch.optim.AdamW(lora_fx.lora_parameters(reference), lr=1e-2)
+        batches = [_batch(r) for r in range(world)]
+        for _ in range(4):
+            x, y = batches[rank]
+            loss = F.mse_loss(view(x), y)
+            opt.zero_grad()
+            loss.backward()  # FSDP2 averages the ranks' gradients: the reference averages the losses
+            opt.step()
+            loss_ref = sum(F.mse_loss(reference(bx), by) for bx, by in batches) / world
+            opt_ref.zero_grad()
+            loss_ref.backward()
+            opt_ref.step()
+        ours = {k: v.full_tensor() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        ref = lora_fx.lora_state_dict(reference)
+        error = max((ours[k] - ref[k]).abs().max().item() for k in ref)
+        changed = any(v.abs().max().item() > 0 for k, v in ref.items() if "lora_B" in k)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"units": units, "adapted_sharded": adapted_sharded, "error": error, "changed": changed}, f)
+
+
+@pytest.mark.slow  # two processes, a torch.export trace each: about 15 s on 2 cores
+def test_fsdp2_per_layer_on_two_processes_gloo(tmp_path):
+    """fully_shard on every layer part and on the view: 4 FSDP units, the adapted model's parameters are the
+    shards, and 4 steps train A and B as one process does on both ranks' batches. Tolerance 1e-5: the same fp32
+    math, reduced across ranks in another order."""
+    import json
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_fsdp2_layers_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        r = json.loads((out / f"rank{rank}.json").read_text())
+        assert r["units"] == 4 and r["adapted_sharded"] and r["changed"], r
+        assert r["error"] <= 1e-5, r
