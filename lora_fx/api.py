@@ -294,8 +294,8 @@ def fold(adapted: fx.GraphModule, *, inplace: bool = False, adapters: str | Iter
     if sharded:
         raise FoldError(f"the adapted module's parameters are sharded DTensors (FSDP2 fully_shard), e.g. {sharded[0]!r}: "
                         f"a fold needs whole weights", where="fold",
-                        fix="gather first: get_model_state_dict(adapted, options=StateDictOptions(full_state_dict=True)) "
-                            "on every rank, load it into a plain lora_fx.adapt copy of the model, and fold that")
+                        fix="gather first: {k: v.full_tensor() for k, v in adapted.state_dict().items()} on every "
+                            "rank, load it into a plain lora_fx.adapt copy of the model, and fold that")
     if inject_pass.lora_state(adapted).merged:
         raise FoldError(f"adapter {inject_pass.lora_state(adapted).merged[-1]!r} is merged in place", where="fold",
                         fix="call lora_fx.unmerge_adapter(adapted) first, or fold with inplace=False after it")
