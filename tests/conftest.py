@@ -85,3 +85,21 @@ def gloo_rank(rank: int, world: int, init_file: str):
         yield dist
     finally:
         dist.destroy_process_group()
+
+
+def spawn_fsdp2(worker, tmp_path, world: int = 2) -> tuple:
+    """Run worker(rank, world, init_file, out) on `world` CPU processes (gloo), skipping where gloo or FSDP2
+    (torch >= 2.6) is missing; returns the output folder and each rank's `rank{r}.json`."""
+    import json
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available on this platform")
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(out)), nprocs=world, join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

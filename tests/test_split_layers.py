@@ -24,7 +24,7 @@ import lora_fx
 from lora_fx.passes.infra import graph_signature
 
 import models_zoo as Z
-from conftest import gloo_rank, randomize_lora
+from conftest import gloo_rank, randomize_lora, spawn_fsdp2
 
 RTOL = 1e-6
 
@@ -333,19 +333,7 @@ def test_fsdp2_per_layer_on_two_processes_gloo(tmp_path):
     """fully_shard on every layer part and on the view: 4 FSDP units, the adapted model's parameters are the
     shards, and 4 steps train A and B as one process does on both ranks' batches; the gathered state folds to the
     same outputs. Tolerance 1e-5: the same fp32 math, reduced across ranks in another order."""
-    import json
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
-        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
-    out = tmp_path / "out"
-    out.mkdir()
-    mp.spawn(_fsdp2_layers_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    for rank in range(2):
-        r = json.loads((out / f"rank{rank}.json").read_text())
+    _, results = spawn_fsdp2(_fsdp2_layers_worker, tmp_path)
+    for r in results:
         assert r["units"] == 4 and r["adapted_sharded"] and r["changed"], r
         assert r["error"] <= 1e-5 and r["fold_error"] <= 1e-5, r

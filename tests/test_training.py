@@ -16,7 +16,7 @@ from lora_fx.adapter_file import load_adapter, save_adapter
 from lora_fx.errors import AdapterFileError, LoraFxError
 from lora_fx.training import prepare_mixed_precision, train
 
-from conftest import gloo_rank
+from conftest import gloo_rank, spawn_fsdp2
 
 
 class Net(nn.Module):
@@ -328,19 +328,9 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_fsdp2_two_processes_gloo(tmp_path):
     """FSDP2 (fully_shard) on 2 CPU processes: only A and B train, save_adapter gathers the shards, fold after
     gathering matches. The 2-GPU run is the same code with the nccl backend."""
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available on this platform")
-    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
-        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
-
-    out = tmp_path / "out"
-    out.mkdir()
-    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    out, results = spawn_fsdp2(_fsdp2_worker, tmp_path)
     for r in results:
         assert r["sharded"] and r["lora_state_dict_sharded"], r
         assert r["grads_only_lora"] and r["lora_changed"] and r["base_unchanged"], r
