@@ -13,7 +13,7 @@ bf16, A/B fp32, forward under torch.autocast(bf16), AdamW (fused on CUDA) built 
 How: the launcher runs, for each N in --gpus, `python -m torch.distributed.run --standalone --nproc-per-node N
 <this script> --worker ...`; rank 0 of each run writes a JSON, the launcher combines them into --out and prints a
 table. A failing N is recorded (with its output tail); the others still run.
-  N == 1: no FSDP at all: the plain single-GPU run is the baseline.
+  N == 1: no FSDP at all: the plain single-GPU run is the baseline (--shard-single: FSDP2 on one process too).
   N >= 2: peft_eager and full_ft: the standard recipe, fully_shard on every decoder layer, then on the root.
           lora_fx_eager: the same recipe on lora_fx.split_layers(adapted), the layer view of the adapted graph:
           fully_shard on every layer part (which owns its layer's weights, the adapted model's own modules), then
@@ -72,6 +72,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str], argparse.Names
     p.add_argument("--targets", default="qv", help="LoRA targets, comma list of qv, all (default %(default)s)")
     p.add_argument("--run-timeout-s", type=float, default=1800.0, help="kill one N's run after this (default 1800)")
     p.add_argument("--pg-timeout-min", type=float, default=5.0, help="process-group timeout in minutes (default 5)")
+    p.add_argument("--shard-single", action="store_true",
+                   help="shard with FSDP2 at N=1 too (FSDP2's own cost on one GPU; checks the sharded path runs)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--world-label", type=int, default=None, help=argparse.SUPPRESS)
     a, rest = p.parse_known_args(argv)
@@ -93,8 +95,8 @@ def rank_batches(m, device: torch.device, rank: int, n: int = 2) -> list:
              torch.randint(0, m.vocab, (m.batch, m.seq), generator=g).to(device)) for _ in range(n)]
 
 
-def build_variant(m, name: str, target: str | None, cfg, device, batches, world: int) -> dict:
-    """The model of one variant on this rank, sharded when world >= 2, and the parameters to train."""
+def build_variant(m, name: str, target: str | None, cfg, device, batches, shard: bool) -> dict:
+    """The model of one variant on this rank, sharded with FSDP2 when `shard`, and the parameters to train."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -107,7 +109,7 @@ def build_variant(m, name: str, target: str | None, cfg, device, batches, world:
         rule = lora_fx.Rule(name="|".join(tt.TARGET_MODULES[target]), r=m.r, alpha=m.alpha)
         module = adapted = lora_fx.adapt(model, rules=[rule], example_inputs=(batches[0][0],))
         layers = []  # lora_fx_root: the graph never calls the layers, shard the root only (see the docstring)
-        if name == "lora_fx_eager" and world > 1:
+        if name == "lora_fx_eager" and shard:
             module = lora_fx.split_layers(adapted)  # a part per layer, owning its weights
             layers = [part for parts in module.layer_modules.values() for part in parts]
     elif name == "peft_eager":
@@ -118,7 +120,7 @@ def build_variant(m, name: str, target: str | None, cfg, device, batches, world:
     else:
         module = model
     _, n_train = tt.trainable_of(module)  # before sharding: global counts
-    if world > 1:
+    if shard:
         for layer in layers:
             fully_shard(layer)
         fully_shard(module)
@@ -212,7 +214,8 @@ def worker(a: argparse.Namespace, m: argparse.Namespace) -> int:
                 if name == "peft_eager" and not have_peft:
                     rec = {"status": "skipped", "error": "peft not installed"}
                 else:
-                    built, rec = attempt(lambda: build_variant(m, name, target, cfg, device, batches, world))
+                    built, rec = attempt(lambda: build_variant(m, name, target, cfg, device, batches,
+                                                                     world > 1 or a.shard_single))
                     # lockstep: train only if every rank has its model (the training collectives need every rank)
                     if all(r is None for r in gather(rec)):
                         res, rec = attempt(lambda: train_variant(m, name, built, device, batches, pinfo, calib))
@@ -241,7 +244,8 @@ def run_world(a: argparse.Namespace, rest: list[str], n: int, out: str) -> tuple
     """One torch.distributed.run with N processes; streams its output; returns (exit code, timed out, output tail)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
            "--worker", "--world-label", str(n), "--out", out, "--variants", ",".join(a.variants),
-           "--targets", a.targets, "--pg-timeout-min", str(a.pg_timeout_min)] + (["--tiny"] if a.tiny else []) + rest
+           "--targets", a.targets, "--pg-timeout-min", str(a.pg_timeout_min)] + (["--tiny"] if a.tiny else []) \
+        + (["--shard-single"] if a.shard_single else []) + rest
     tt.log(f"N={n}: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timed_out: list[bool] = []
@@ -325,6 +329,8 @@ def launcher(a: argparse.Namespace, rest: list[str], m: argparse.Namespace) -> i
                       "against each rank's measured bf16 matmul rate"]}
     if m.device == "cpu":
         data["notes"].append("CPU run (gloo): a smoke test; MFU and scaling efficiency mean nothing here")
+    if a.shard_single:
+        data["notes"].append("--shard-single: N=1 is sharded with FSDP2 as well (one process), not the plain run")
     for n in a.gpus:
         run = {"gpus": n, "status": "error"}
         if m.device == "cuda" and n > torch.cuda.device_count():
