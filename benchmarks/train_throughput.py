@@ -39,7 +39,8 @@ matmul rate MEASURED in the same run (median of a timed --matmul-size^3 bf16 mat
 
 lora_fx operations (per target, model on the device): adapt wall time (trace via torch.export + inject), fold wall
 time (first and median of --fold-reps, inplace=False) and fold throughput = bytes (each adapted W0 read + new W
-written + A, B read) / time, against the measured device-to-device copy bandwidth (bytes read + written). ONNX
+written + A, B read) / time, against the measured device-to-device copy bandwidth (bytes read + written); the same
+for fold's arithmetic alone (W0 + Σ deltas of every weight, without rebuilding the module). ONNX
 export of the folded model only with --onnx (slow and large for a 1B model).
 
 Robustness: every variant runs in try/except (the error is recorded, memory freed: del, gc.collect,
@@ -483,10 +484,18 @@ def lora_fx_fold_ops(a, adapted, device, calib, example) -> dict:
         sync(device)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
+
+    def weights_only():  # the arithmetic of fold alone: W0 + Σ deltas per weight, without rebuilding the module
+        for _name, _value in lora_fx.passes.fold.folded_weights(adapted):
+            pass
+
+    weights_s = statistics.median(time_fn(weights_only, device, reps=max(1, a.fold_reps), warmup=1))
     ops = {"fold_s_first": times[0], "fold_s_median": med, "fold_s_all": times, "fold_bytes": nbytes,
-           "fold_gbps": nbytes / med / 1e9, "lora_modules": len(container)}
+           "fold_gbps": nbytes / med / 1e9, "lora_modules": len(container),
+           "fold_weights_s": weights_s, "fold_weights_gbps": nbytes / weights_s / 1e9}
     if calib.get("copy_gbps"):
         ops["fold_frac_of_copy_bw"] = ops["fold_gbps"] / calib["copy_gbps"]
+        ops["fold_weights_frac_of_copy_bw"] = ops["fold_weights_gbps"] / calib["copy_gbps"]
     if a.onnx:
         try:
             with tempfile.TemporaryDirectory() as d:
@@ -637,13 +646,15 @@ def report(data) -> str:
                      f"{fmt(c['met'])} | {fmt(c['missed_by'], spec, '')} |")
     if data["ops"]:
         lines += ["", "| lora_fx op | LoRA on | adapt s | fold s (first / median) | fold GB/s | of copy BW | "
-                      "ONNX export s | SDPA masked / calls |", "|---|---|---:|---:|---:|---:|---:|---|"]
+                      "fold arithmetic s | its GB/s | of copy BW | ONNX export s | SDPA masked / calls |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for o in data["ops"]:
             onnx = fmt(o.get("onnx_export_s"), ".1f", "error" if o.get("onnx_error") else "not run")
             lines.append(f"| {o.get('when', '')} | {TARGET_LABEL[o['target']]} | {fmt(o.get('adapt_s'), '.2f')} | "
                          f"{fmt(o.get('fold_s_first'), '.3f', '-')} / {fmt(o.get('fold_s_median'), '.3f', '-')} | "
                          f"{fmt(o.get('fold_gbps'), '.3g', '-')} | {fmt(o.get('fold_frac_of_copy_bw'), '.1%', '-')} | "
-                         f"{onnx} | {o.get('sdpa_with_mask', '?')} / {o.get('sdpa_calls', '?')} |")
+                         f"{fmt(o.get('fold_weights_s'), '.4f', '-')} | {fmt(o.get('fold_weights_gbps'), '.3g', '-')} | "
+                         f"{fmt(o.get('fold_weights_frac_of_copy_bw'), '.1%', '-')} | {onnx} | {o.get('sdpa_with_mask', '?')} / {o.get('sdpa_calls', '?')} |")
     notes = data.get("notes") or []
     if notes:
         lines += [""] + [f"- {n}" for n in notes]

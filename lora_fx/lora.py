@@ -107,6 +107,15 @@ class LoraLinear(nn.Module):
         delta = (self._full_B().detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
         return delta.T if self.weight_layout == IN_OUT else delta
 
+    def add_delta_(self, total: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """total += alpha · scaling · B · A in place, in total's dtype and on its device: one GEMM that reads and
+        writes `total` once (delta_weight would make the product, scale it and add it: three passes)."""
+        B = self._full_B().detach().to(total.device, total.dtype)
+        A = self.lora_A.detach().to(total.device, total.dtype)
+        if self.weight_layout == IN_OUT:  # total is W.T-shaped: add (B·A).T = A.T·B.T
+            return total.addmm_(A.T, B.T, alpha=alpha * self.scaling)
+        return total.addmm_(B, A, alpha=alpha * self.scaling)
+
     def extra_repr(self) -> str:
         return (
             f"{self.weight_name}{f' rows {list(self.rows)}' if self.rows else ''}: in={self.in_features}, "

@@ -66,7 +66,7 @@ def _sums(gm, by_weight, accumulate_dtype) -> Iterator[tuple[str, torch.Tensor]]
             acc = accumulation_dtype(w0.dtype, accumulate_dtype)
             total = w0.detach().to(acc, copy=True)  # never a view of W0
             for lora in loras:
-                total += lora.delta_weight(acc).to(w0.device)
+                lora.add_delta_(total)
             yield weight, total.to(w0.dtype)
 
 
@@ -184,7 +184,7 @@ def unmerge_adapter(gm: fx.GraphModule, accumulate_dtype: torch.dtype | None = N
             for lora in container.values():
                 w = gm.get_parameter(lora.weight_name)
                 acc = accumulation_dtype(w.dtype, accumulate_dtype)
-                w.copy_((w.to(acc) - lora.delta_weight(acc).to(w.device)).to(w.dtype))
+                w.copy_(lora.add_delta_(w.to(acc, copy=True), alpha=-1.0).to(w.dtype))
     for lora in container.values():
         lora.enabled = True
     return PassResult(gm, True, [f"unmerged {adapter!r}"])

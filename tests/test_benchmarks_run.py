@@ -77,7 +77,8 @@ def test_train_throughput_tiny_runs_end_to_end(tmp_path):
 
     ops = [o for o in data["ops"] if o["when"] == "lora_fx_eager"]
     assert len(ops) == 1
-    for key in ("adapt_s", "fold_s_median", "fold_gbps", "fold_bytes", "fold_frac_of_copy_bw"):
+    for key in ("adapt_s", "fold_s_median", "fold_gbps", "fold_bytes", "fold_frac_of_copy_bw", "fold_weights_s",
+                "fold_weights_gbps", "fold_weights_frac_of_copy_bw"):
         assert _positive(ops[0][key]), (key, ops[0][key])
 
     assert results[("lora_fx_ckpt", "qv")]["checkpointed_layers"] == data["meta"]["config"]["num_hidden_layers"]

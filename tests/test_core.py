@@ -291,3 +291,21 @@ def test_untie_gives_the_head_its_own_folded_weight(inplace):
         assert torch.allclose(merged(ids), expected, atol=1e-5)
     assert torch.equal(model.emb.weight, emb_before)  # the embedding did not move
     assert not torch.equal(dict(merged.named_parameters())["head.weight"], emb_before)
+
+
+@pytest.mark.parametrize("layout, rows", [("out_in", ()), ("in_out", ()), ("out_in", ((2, 5), (7, 9)))])
+def test_add_delta_in_place_equals_delta_weight(layout, rows):
+    """fold adds each LoRA with one in-place GEMM (add_delta_); it must add exactly delta_weight's values, for
+    either weight layout and for a LoRA on row slices. fp64, so the two orders of rounding agree to 1e-12."""
+    from lora_fx.lora import LoraLinear
+    from lora_fx.site import IN_OUT, OUT_IN
+
+    torch.manual_seed(0)
+    lora = LoraLinear(6, 10, r=3, alpha=5.0, weight_layout=IN_OUT if layout == "in_out" else OUT_IN, rows=rows)
+    nn.init.normal_(lora.lora_B)
+    base = torch.randn(10, 6, dtype=torch.float64)
+    base = base.T.contiguous() if layout == "in_out" else base
+    expected = base + lora.delta_weight(torch.float64)
+    got = lora.add_delta_(base.clone(), alpha=1.0)
+    assert (got - expected).abs().max().item() <= 1e-12
+    assert (lora.add_delta_(got, alpha=-1.0) - base).abs().max().item() <= 1e-12  # subtracting takes it out again
