@@ -25,9 +25,18 @@ from lora_fx.passes.causal_attention import restore_attention
 from lora_fx.passes.inject import ADD, BRANCH, container_name, lora_state
 
 
-def _check_finite(name: str, key: str, lora) -> None:
-    for pname in ("lora_A", "lora_B"):
-        if not torch.isfinite(getattr(lora, pname)).all():
+def _check_finite(chosen: list) -> None:
+    """Raise on the first A or B holding NaN/Inf. One device sync for all of them (a check per tensor would wait for
+    the device once per tensor, which dominated fold's arithmetic on a GPU)."""
+    tensors = [(name, key, lora, pname) for name, key, lora in chosen for pname in ("lora_A", "lora_B")]
+    if not tensors:
+        return
+    flags = [torch.isfinite(getattr(lora, pname)).all() for _, _, lora, pname in tensors]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).cpu()  # the one wait for the device
+    if bool(finite.all()):
+        return
+    for (name, key, lora, pname), ok in zip(tensors, finite.tolist()):
+        if not ok:
             raise FoldError(
                 f"{pname} of the LoRA on {lora.weight_name!r} holds NaN or Inf; nothing was folded",
                 where=f"{container_name(name)}.{key}.{pname}",
@@ -51,8 +60,7 @@ def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
     state = lora_state(gm)
     chosen = [(name, key, lora) for name, container in state.containers(gm).items()
               if adapters is None or name in adapters for key, lora in container.items() if lora.enabled]
-    for name, key, lora in chosen:
-        _check_finite(name, key, lora)
+    _check_finite(chosen)
     by_weight: dict[str, list] = {}
     for _, _, lora in chosen:
         by_weight.setdefault(lora.weight_name, []).append(lora)
