@@ -88,16 +88,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str], argparse.Names
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def rank_batches(m, device: torch.device, rank: int, n: int = 2) -> list:
-    """Like train_throughput.make_batches, but each rank draws its own data."""
-    g = torch.Generator().manual_seed(1 + 1000 * rank)
-    return [(torch.randint(0, m.vocab, (m.batch, m.seq), generator=g).to(device),
-             torch.randint(0, m.vocab, (m.batch, m.seq), generator=g).to(device)) for _ in range(n)]
-
-
 def build_variant(m, name: str, target: str | None, cfg, device, batches, shard: bool) -> dict:
     """The model of one variant on this rank, sharded with FSDP2 when `shard`, and the parameters to train."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
 
     dtype = torch.float32 if name == "full_ft_fp32master" else torch.bfloat16
@@ -125,7 +118,7 @@ def build_variant(m, name: str, target: str | None, cfg, device, batches, shard:
             fully_shard(layer)
         fully_shard(module)
     all_params = list((adapted if adapted is not None else module).parameters())
-    units = sum(type(x).__name__.startswith("FSDP") for x in module.modules())  # fully_shard makes FSDP<Class>
+    units = sum(isinstance(x, FSDPModule) for x in module.modules())
     # the optimizer (inside run_training) is built after fully_shard, which replaced the parameters
     params = list(lora_fx.lora_parameters(adapted)) if adapted is not None else tt.trainable_of(module)[0]
     if sum(p.numel() for p in params) != n_train:
@@ -201,7 +194,7 @@ def worker(a: argparse.Namespace, m: argparse.Namespace) -> int:
         calib, err = attempt(lambda: tt.calibrate(device, m.matmul_size, m.copy_mib))
         calib = calib or err
         calibs = gather(calib)
-        batches = rank_batches(m, device, rank)
+        batches = tt.make_batches(m, device, seed=1 + 1000 * rank)  # each rank its own data (rank 0: tt's)
         data = {"world": world, "world_label": a.world_label, "backend": dist.get_backend(),
                 "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                 "calibration_per_rank": calibs, "results": []}

@@ -285,8 +285,8 @@ def flops_per_step(a, params: dict, lora_params: int, full: bool) -> float:
     return 4 * params["matmul"] * T + 6 * lora_params * T + attn
 
 
-def make_batches(a, device: torch.device, n: int = 2) -> list:
-    g = torch.Generator().manual_seed(1)
+def make_batches(a, device: torch.device, n: int = 2, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device),
              torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)) for _ in range(n)]
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -191,7 +191,6 @@ class LayerView(nn.Module):
 @dataclass
 class SplitResult(PassResult):
     view: LayerView | None = None
-    layers: list[str] = field(default_factory=list)
 
 
 def split_layers(adapted: fx.GraphModule, checkpoint_every: int = 0, layers: str | None = None) -> SplitResult:
@@ -231,5 +230,5 @@ def split_layers(adapted: fx.GraphModule, checkpoint_every: int = 0, layers: str
     view = LayerView(adapted, top_module, layer_modules, checkpointed)
     changes = [f"split at the {len(names)} layers of {parent!r}; {len(checkpointed)} run under activation "
                f"checkpointing"]
-    return SplitResult(adapted, False, changes, view=view, layers=names)
+    return SplitResult(adapted, False, changes, view=view)
 
