@@ -43,6 +43,7 @@ from torch import nn
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.split_layers import LayerView
 from lora_fx.passes.infra import dtensor_type
+from lora_fx.rollback import unchanged_on_error
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -113,15 +114,6 @@ def b_rows(lora: nn.Module) -> int:
     """Rows of B: the updated rows of a slice, else out_features."""
     rows = tuple(getattr(lora, "rows", ()) or ())
     return sum(b - a for a, b in rows) if rows else lora.out_features
-
-
-def _roles_of_slices(state: Any) -> dict[tuple, str]:
-    """{(weight, row ranges): role} for the sliced LoRAs adapt made (from its decisions)."""
-    out = {}
-    for d in getattr(state, "decisions", None) or []:
-        for role, ranges in getattr(d, "rows", ()) or ():
-            out.setdefault((d.site.weight, tuple(tuple(r) for r in ranges)), role)
-    return out
 
 
 def sites_by_weight(state: Any) -> dict[str, Any]:
@@ -429,7 +421,6 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
     for d in getattr(state, "decisions", []) or []:
         if d.adapted:
             inits.setdefault(d.site.weight, d.settings.init)
-    roles = _roles_of_slices(state)
     out = {}
     for key, lora in container.items():
         site = sites.get(lora.weight_name)
@@ -439,9 +430,9 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
             "key": key,
             "weight": lora.weight_name,
             "rows": rows,
-            "role": roles.get((lora.weight_name, tuple(tuple(r) for r in rows))) if rows else None,
-            # the site reads only these rows of the weight (a split before F.linear): a rule on the weight
-            # rebuilds the slice, no role needed
+            # the roles a rule selected it by: a load rebuilds slices and split sites through them
+            "role": _role_field(getattr(lora, "roles", ())),
+            # the site reads only these rows of the weight (a split before F.linear)
             "site_rows": list(lora.output_rows) if getattr(lora, "output_rows", None) else None,
             "module": site.module if site else lora.weight_name.rpartition(".")[0],
             "module_type": site.module_type if site else None,
@@ -452,6 +443,10 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
             "dtype": dtype_name(lora.lora_A.dtype),
         }
     return out
+
+
+def _role_field(roles: tuple[str, ...]) -> str | list[str] | None:
+    return None if not roles else roles[0] if len(roles) == 1 else list(roles)
 
 
 def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: str = DEFAULT_ADAPTER) -> Path:
@@ -622,7 +617,8 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
 def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
     """Rules that select exactly the saved weights (their whole qualified names), each with its saved settings.
 
-    Slices of a packed weight (rows) come back through their roles: one rule per weight, role=(the saved roles)."""
+    Row slices of a packed weight come back through their roles: one rule per slice, role=(the saved role), so
+    slices trained with different r/alpha rebuild as they were."""
     from lora_fx.rules import Rule
 
     by_weight: dict[str, list[tuple[str, dict]]] = {}
@@ -630,27 +626,27 @@ def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
         by_weight.setdefault(s.get("weight") or lid, []).append((lid, s))
     rules = []
     for w, entries in by_weight.items():
-        settings = {(s["r"], float(s["alpha"]), s.get("scaling") or "standard", float(s.get("dropout") or 0.0))
-                    for _, s in entries}
-        sliced = [lid for lid, s in entries if s.get("rows")]
-        if len(entries) > 1 and (len(sliced) != len(entries) or len(settings) > 1):
+        # A weight's LoRAs came from one rule without a role selector (one LoRA, or one per site that reads some
+        # of its rows: nn.MultiheadAttention's cross-attention): one rule on the weight rebuilds them. Role slices of
+        # a packed weight, or LoRAs that role rules chose: a rule each, selecting it by its recorded roles.
+        by_role = any(s.get("role") for _, s in entries) and (
+            len(entries) > 1 or any(s.get("rows") and not s.get("site_rows") for _, s in entries))
+        settings = {(s["r"], float(s["alpha"]), s.get("scaling"), float(s.get("dropout") or 0)) for _, s in entries}
+        sliced = any(s.get("rows") and not s.get("site_rows") for _, s in entries)
+        if (by_role and not all(s.get("role") for _, s in entries)) or (not by_role and (sliced or len(settings) > 1)):
             raise AdapterFileError(f"the LoRAs on {w!r} ({[lid for lid, _ in entries]}) cannot be rebuilt by rules: "
-                                   f"slices of one weight must share r/alpha/scaling/dropout", where=where,
-                                   fix="adapt the model with your own rules, then lora_fx.load_adapter")
-        roles = [s.get("role") for _, s in entries if s.get("rows") and not s.get("site_rows")]
-        if sliced and not all(roles):
-            raise AdapterFileError(f"the row slices of {w!r} have no recorded role, so they cannot be rebuilt",
-                                   where=where, fix="adapt the model with rules that give the same slices (role=...), "
-                                                    "then lora_fx.load_adapter")
-        ((r, alpha, scaling, dropout),) = settings
-        kwargs = {"r": r, "alpha": alpha, "scaling": scaling}
-        if dropout:
-            kwargs["dropout"] = dropout
-        if roles:
-            kwargs["role"] = tuple(roles)
-        # glob= matches the whole name (no dotted-suffix matching as name= does), so "layers.0.q.weight" cannot
-        # also select "encoder.layers.0.q.weight".
-        rules.append(Rule(glob=globlib.escape(w), **kwargs))
+                                   f"row slices or different settings without a recorded role", where=where,
+                                   fix="adapt the model with rules that give the same LoRAs (role=...), then "
+                                       "lora_fx.load_adapter")
+        for _, s in entries if by_role else entries[:1]:
+            kwargs = {"r": s["r"], "alpha": float(s["alpha"]), "scaling": s.get("scaling") or "standard"}
+            if s.get("dropout"):
+                kwargs["dropout"] = float(s["dropout"])
+            if by_role:
+                kwargs["role"] = s["role"]
+            # glob= matches the whole name (no dotted-suffix matching as name= does), so "layers.0.q.weight" cannot
+            # also select "encoder.layers.0.q.weight".
+            rules.append(Rule(glob=globlib.escape(w), **kwargs))
     return rules
 
 
@@ -660,25 +656,26 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
     """Adapt `model` exactly as the saved adapter says (the same weights, r, alpha, scaling, dropout) and load it.
 
     frontend=None uses the front end the adapter was saved from. Returns the adapted GraphModule."""
-    from lora_fx.api import adapt
+    from lora_fx.api import adapt_model
 
     config, tensors = read_adapter(directory)
     weights = config["weights"]
     frontend = frontend or config.get("frontend") or "auto"
-    try:
-        adapted = adapt(model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
-                        example_kwargs=example_kwargs, frontend=frontend, **trace_options)
-    except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
-        raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
-                               where=f"{directory}" + (f" ({e.where})" if e.where else ""),
-                               fix="use the model (same architecture and widths) the adapter was trained on") from e
-    gm, container, _ = lora_modules(adapted)
-    found = {lora_id(lora) for lora in container.values()}
-    not_found = [w for w in weights if w not in found]
-    if strict and not_found:
-        raise AdapterFileError(f"the model has no linear-like site (or role slice) for these adapter weights: "
-                               f"{not_found}",
-                               where=str(directory),
-                               fix="use the model the adapter was trained on, or strict=False to skip them")
-    check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights)
-    return adapted
+    with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
+        try:
+            adapted = adapt_model(model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
+                                  example_kwargs=example_kwargs, frontend=frontend, fit_rank=False, **trace_options)
+        except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
+            raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
+                                   where=f"{directory}" + (f" ({e.where})" if e.where else ""),
+                                   fix="use the model (same architecture and widths) the adapter was trained on") from e
+        gm, container, _ = lora_modules(adapted)
+        found = {lora_id(lora) for lora in container.values()}
+        not_found = [w for w in weights if w not in found]
+        if strict and not_found:
+            raise AdapterFileError(f"the model has no linear-like site (or role slice) for these adapter weights: "
+                                   f"{not_found}",
+                                   where=str(directory),
+                                   fix="use the model the adapter was trained on, or strict=False to skip them")
+        check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights)
+        return adapted

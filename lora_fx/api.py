@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import warnings
-from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
 
-from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError
+from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError, warn
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.causal_attention import use_causal_attention
@@ -25,7 +23,8 @@ from lora_fx.passes.infra import dtensor_type
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.roles import with_roles
 from lora_fx.passes.trace import trace
-from lora_fx.plan import Plan
+from lora_fx.plan import Plan, apply_policies, tied_weights
+from lora_fx.rollback import unchanged_on_error
 from lora_fx.rules import Decision, LoraSettings, Rule, coerce_rules, decide, explain_unused, unused_rules
 
 
@@ -34,107 +33,16 @@ def _defaults(r: int, alpha: float, dropout: float) -> LoraSettings:
     return LoraSettings(r=r, alpha=float(alpha), dropout=float(dropout))
 
 
-def tied_weights(model: nn.Module) -> dict[str, list[str]]:
-    """{parameter name: the other names of the same tensor} for parameters shared between modules."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n: [o for o in group if o != n] for group in names.values() if len(group) > 1 for n in group}
-
-
-def _resolve_tied(decisions: list[Decision], tied: dict[str, list[str]], rules_given: bool, untie: bool,
-                  frontend: str) -> list[Decision]:
-    """A LoRA folded into a tied weight would silently change its twin (an embedding, say): refuse or untie.
-
-    rules=None skips tied weights with a warning; a rule that selects one raises unless untie=True. Untying gives
-    the folded model its own copy of the weight, so its ONNX export has one initializer more than the base's.
-    """
-    out = []
-    for d in decisions:
-        twins = tied.get(d.site.weight)
-        if not d.adapted or not twins:
-            out.append(d)
-            continue
-        if not rules_given:
-            warnings.warn(f"lora_fx: skipping {d.site.weight!r}: it is tied to {twins} (rules=None adapts only "
-                          f"untied weights; select it with a rule and untie=True to adapt it)", stacklevel=3)
-            out.append(replace(d, settings=None, reason=f"tied to {twins}: skipped"))
-            continue
-        if not untie:
-            raise RuleError(
-                f"weight {d.site.weight!r} is tied to {twins} (the same tensor): folding a LoRA into it would "
-                f"change {twins} too", where=d.site.name,
-                fix=f"exclude it (Rule(name={d.site.name!r}, exclude=True)), or pass untie=True to give the folded "
-                    f"model its own copy of {d.site.weight!r} (its ONNX export then has one more initializer)")
-        if frontend == "export":
-            raise RuleError(
-                f"weight {d.site.weight!r} is tied to {twins} and the torch.export graph reads both through one "
-                f"node, so it cannot be untied there", where=d.site.name,
-                fix="use frontend='fx' if the model traces symbolically, or exclude this site")
-        out.append(d)
-    return out
-
-
-def _refuse_other_readers(decisions: list[Decision], rules_given: bool) -> list[Decision]:
-    """A weight that another op reads under the same name (an embedding table reused by an output projection)
-    cannot carry a LoRA: fold writes W0 + delta into the one tensor, which changes that op too, and there is no
-    second name to untie to. rules=None skips such weights with a warning; a rule that selects one raises."""
-    out = []
-    for d in decisions:
-        readers = d.site.other_readers
-        if not d.adapted or not readers:
-            out.append(d)
-            continue
-        if rules_given:
-            raise RuleError(
-                f"weight {d.site.weight!r} is also read by {list(readers)} (not a linear site): folding a LoRA into "
-                f"it would change what they compute too", where=d.site.name,
-                fix=f"exclude it (Rule(name={d.site.name!r}, exclude=True)); to adapt it, give the model a separate "
-                    f"parameter for this use")
-        warnings.warn(f"lora_fx: skipping {d.site.weight!r}: it is also read by {list(readers)}, which a fold would "
-                      f"change", stacklevel=4)
-        out.append(replace(d, settings=None, reason=f"also read by {list(readers)}: skipped"))
-    return out
-
-
 def _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend, r, alpha, dropout, trace_options,
-                      untie: bool = False):
+                      untie: bool = False, fit_rank: bool = True):
     rules = coerce_rules(rules)
     defaults = _defaults(r, alpha, dropout)
     traced = trace(model, example_inputs, example_kwargs, frontend=frontend, **trace_options)
     sites = with_roles(traced.graph_module, find_sites(traced.graph_module, model),
                        example_inputs=example_inputs, example_kwargs=example_kwargs)
-    decisions = decide(sites, rules, defaults)
-    decisions = _resolve_tied(decisions, tied_weights(model), rules is not None, untie, traced.frontend)
-    decisions = _refuse_other_readers(decisions, rules is not None)
-    decisions = _one_lora_per_weight(decisions)
+    decisions = apply_policies(decide(sites, rules, defaults, fit_rank=fit_rank), tied=tied_weights(model),
+                               rules_given=rules is not None, untie=untie, frontend=traced.frontend)
     return traced, rules, sites, decisions
-
-
-def _one_lora_per_weight(decisions: list[Decision]) -> list[Decision]:
-    """fold writes W0 + delta into the one tensor, so every linear site of an adapted weight must carry its LoRA.
-
-    A site of an adapted weight that no rule selected (DeBERTa's query_proj on its relative-position path under
-    Rule(role="attn.q"); an nn.Linear also called through F.linear) gets the weight's LoRA too; one that a rule
-    explicitly excludes raises, since folding would change it anyway."""
-    first: dict[tuple, Decision] = {}
-    key = lambda d: (d.site.weight, d.site.weight_rows)  # sites reading other rows of a weight do not interact
-    for d in decisions:
-        if d.adapted:
-            first.setdefault(key(d), d)
-    out = []
-    for d in decisions:
-        chosen = first.get(key(d))
-        if chosen is not None and not d.adapted:
-            if d.rule_index is not None:  # a rule matched this site and excluded it
-                raise RuleError(
-                    f"weight {d.site.weight!r} gets a LoRA at {chosen.site.node} but rule {d.rule_index} excludes "
-                    f"its other site {d.site.node}: one weight has one LoRA, applied at every site that uses it",
-                    where=d.site.name, fix="exclude every site of this weight or none of them (lora_fx.plan lists them)")
-            d = replace(d, rule_index=chosen.rule_index, settings=chosen.settings, rows=chosen.rows,
-                        reason=f"same weight as {chosen.site.node}: one LoRA per weight, applied at every site")
-        out.append(d)
-    return out
 
 
 def plan(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, example_inputs: tuple | None = None,
@@ -156,16 +64,50 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
 
     Returns a GraphModule that shares the model's weights (no copies). Base parameters are frozen
     (requires_grad=False); nothing else in the model changes. The base runs as in eval mode (BatchNorm statistics
-    fixed, its dropout off) in both front ends; .train()/.eval() switch only the LoRA branches' dropout. r/alpha/dropout are the defaults for rule fields
-    left unset. untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
-    fold then gives the adapted use its own copy. A rule that decides no site is a warning, or a RuleError with
-    strict=True. causal_attention=True lets attention whose traced mask is provably plain causal run as
-    SDPA(is_causal=True) while training (the flash kernel; torch.export graphs only; fold restores the mask:
-    passes/causal_attention.py). trace_options: leaf_modules=, open_modules=, concrete_args=.
+    fixed, its dropout off) in both front ends; .train()/.eval() switch only the LoRA branches' dropout.
+    r/alpha/dropout are the defaults for rule fields left unset. r larger than a site's min(in, out) (a 2-label
+    classifier head) is capped to it: silently for the defaults, with a warning for a rule's r (lora_fx.plan shows
+    both). untie=True lets a rule adapt a weight tied to another (e.g. an lm_head tied to the embedding):
+    fold then gives the adapted use its own copy. A rule that decides no site, or whose r is capped, is a warning,
+    or a RuleError with strict=True. causal_attention=True lets attention whose traced mask is provably plain
+    causal run as SDPA(is_causal=True) while training (the flash kernel; torch.export graphs only; fold restores
+    the mask: passes/causal_attention.py). trace_options: leaf_modules=, open_modules=, concrete_args=.
     On any error the model is left exactly as it was.
     """
-    traced, rules, sites, decisions = _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend,
-                                                        r, alpha, dropout, trace_options, untie)
+    return adapt_model(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs, frontend=frontend,
+                       r=r, alpha=alpha, dropout=dropout, untie=untie, strict=strict,
+                       causal_attention=causal_attention, **trace_options)
+
+
+def adapt_model(model: nn.Module, rules: Any, *, example_inputs: tuple | None = None,
+                example_kwargs: dict | None = None, frontend: str = "auto", r: int = 8, alpha: float = 16.0,
+                dropout: float = 0.0, untie: bool = False, strict: bool = False, causal_attention: bool = True,
+                fit_rank: bool = True, **trace_options: Any) -> fx.GraphModule:
+    """adapt, for lora_fx's own callers too: adapter loaders pass fit_rank=False, since a file's tensors fix r."""
+    with unchanged_on_error(model):
+        traced, rules, sites, decisions = _trace_and_decide(model, rules, example_inputs, example_kwargs, frontend,
+                                                            r, alpha, dropout, trace_options, untie, fit_rank)
+        _check_decisions(model, rules, sites, decisions, strict)
+        gm = traced.graph_module
+        mode = model.training
+        inject_pass.keep_base_in_eval(gm)
+        state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
+        state.rules[inject_pass.DEFAULT], state.defaults[inject_pass.DEFAULT] = rules, _defaults(r, alpha, dropout)
+        inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
+        if causal_attention and traced.frontend == "export":
+            use_causal_attention(gm)
+        state.untied = {d.site.weight for d in decisions if d.adapted and d.site.weight in tied_weights(model)}
+        gm.meta["lora_fx"] = state
+        for name, p in gm.named_parameters():  # freeze the base: every parameter outside the LoRA container
+            if not name.startswith(inject_pass.CONTAINER + "."):
+                p.requires_grad_(False)
+        gm.train(mode)  # the user's mode, for the LoRA branches; the base stays in eval (keep_base_in_eval)
+        return gm
+
+
+def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, decisions: list[Decision],
+                     strict: bool) -> None:
+    """Refuse a plan that adapts nothing; warn (strict: raise) about rules that decide nothing or get a capped r."""
     if not any(d.adapted for d in decisions):
         candidates = [s.name for s in sites]
         if not sites:
@@ -178,26 +120,19 @@ def adapt(model: nn.Module, rules: Rule | Iterable[Rule] | None = None, *, examp
             + (" ..." if len(candidates) > 20 else ""),
             where=", ".join(r.describe() for r in rules or []),
             fix="change the rules to name one of the candidates above (lora_fx.plan lists them with reasons)")
-    for i in unused_rules(rules, decisions):
-        message = f"rule {i} {rules[i].describe()} decides no site: {explain_unused(rules[i], sites)}"
+    problems = [(f"rules[{i}]", f"rule {i} {rules[i].describe()} decides no site: {explain_unused(rules[i], sites)}",
+                 "fix or remove the rule (lora_fx.plan lists the sites)") for i in unused_rules(rules, decisions)]
+    capped = [d for d in decisions if d.requested_r and rules is not None and rules[d.rule_index].r is not None]
+    for i in sorted({d.rule_index for d in capped}):
+        names = sorted({d.site.name + (f" [{d.slice_role}]" if d.slice_role else "") + f" (r={d.settings.r})"
+                        for d in capped if d.rule_index == i})
+        problems.append((f"rules[{i}]", f"rule {i} {rules[i].describe()} asks for r={rules[i].r}, more than "
+                                        f"min(in, out) of {names[:10]}: r is capped there",
+                         "lower r, or exclude those sites with an earlier Rule(..., exclude=True)"))
+    for where, message, fix in problems:
         if strict:
-            raise RuleError(message, where=f"rules[{i}]", fix="fix or remove the rule (lora_fx.plan lists the sites)")
-        warnings.warn(f"lora_fx: {message}", stacklevel=2)
-    gm = traced.graph_module
-    mode = model.training
-    inject_pass.keep_base_in_eval(gm)
-    state = inject_pass.new_state(gm, traced.frontend, sites, decisions)
-    state.rules[inject_pass.DEFAULT], state.defaults[inject_pass.DEFAULT] = rules, _defaults(r, alpha, dropout)
-    inject_pass.inject(gm, decisions, state)  # validates per-weight settings before touching the graph
-    if causal_attention and traced.frontend == "export":
-        use_causal_attention(gm)
-    state.untied = {d.site.weight for d in decisions if d.adapted and d.site.weight in tied_weights(model)}
-    gm.meta["lora_fx"] = state
-    for name, p in gm.named_parameters():  # freeze the base: every parameter outside the LoRA container
-        if not name.startswith(inject_pass.CONTAINER + "."):
-            p.requires_grad_(False)
-    gm.train(mode)  # the user's mode, for the LoRA branches; the base stays in eval (keep_base_in_eval)
-    return gm
+            raise RuleError(message, where=where, fix=fix)
+        warn(f"lora_fx: {message}")
 
 
 def lora_parameters(adapted: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:
@@ -224,13 +159,16 @@ def add_adapter(adapted: fx.GraphModule, name: str, rules: Rule | Iterable[Rule]
     """Add another named adapter beside the existing ones, on sites chosen by its own rules (in place)."""
     _container(adapted)
     state = inject_pass.lora_state(adapted)
-    decisions = decide(state.sites, coerce_rules(rules), _defaults(r, alpha, dropout))
+    rules = coerce_rules(rules)
+    tied = {w: twins for w, twins in tied_weights(adapted).items() if w not in state.untied}
+    decisions = apply_policies(decide(state.sites, rules, _defaults(r, alpha, dropout)), tied=tied,
+                               rules_given=rules is not None, untie=False, frontend=state.frontend)
     if not any(d.adapted for d in decisions):
         raise NoSitesError(f"the rules of adapter {name!r} match none of the sites "
                            f"{[s.name for s in state.sites][:20]}", where=name,
                            fix="change the rules (lora_fx.plan lists the sites)")
     inject_pass.inject(adapted, decisions, state, adapter=name)
-    state.rules[name], state.defaults[name] = coerce_rules(rules), _defaults(r, alpha, dropout)
+    state.rules[name], state.defaults[name] = rules, _defaults(r, alpha, dropout)
     return adapted
 
 

@@ -48,3 +48,18 @@ class VerifyError(LoraFxError):
 
 class AdapterFileError(LoraFxError):
     """An adapter file is missing, corrupt, or does not fit the adapted model."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointing at the user's line: the first caller outside lora_fx, however deep the call."""
+    import os
+    import sys
+    import warnings
+
+    import lora_fx.passes
+
+    ours = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, lora_fx.passes.__file__))
+    level, frame = 2, sys._getframe(1)  # level 1 is this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -55,6 +55,7 @@ class LoraLinear(nn.Module):
         self.weight_name, self.weight_layout = weight_name, weight_layout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # a disabled branch adds nothing (lora_fx.set_adapter / disable_adapters)
+        self.roles: tuple[str, ...] = ()  # the graph roles a rule selected this weight (or slice) by, if any
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.rows = tuple(tuple(r) for r in rows)
         self.output_rows = tuple(output_rows) if output_rows is not None else None

@@ -34,6 +34,7 @@ from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_c
                                   read_safetensors, sites_by_weight, write_json, write_safetensors)
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.infra import dtensor_type
+from lora_fx.rollback import unchanged_on_error
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -161,7 +162,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
     load its weights. Returns the adapted GraphModule; lora_fx.fold(adapted) gives PEFT's merged weights.
 
     transformers models need frontend="export" (decoders with example_kwargs={"use_cache": False})."""
-    from lora_fx.api import adapt
+    from lora_fx.api import adapt_model
     from lora_fx.rules import Rule
 
     config, modules = read_peft_adapter(peft_dir)
@@ -171,34 +172,35 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
         if s["dropout"] > 0:
             kwargs["dropout"] = s["dropout"]
         rules.append(Rule(glob=globlib.escape(module), **kwargs))  # the whole module name, nothing else
-    try:
-        adapted = adapt(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                        frontend=frontend, **trace_options)
-    except RuleError as e:
-        raise AdapterFileError(f"the PEFT adapter does not fit this {type(model).__name__}: {e.what}",
-                               where=str(peft_dir) + (f" ({e.where})" if e.where else ""),
-                               fix="load it onto the model it was trained on "
-                                   f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
-                               ) from e
-    gm, container, state = lora_modules(adapted)
-    module_of = {w: site.module for w, site in sites_by_weight(state).items()}
-    by_module: dict[str, list[str]] = {}
-    for lora in container.values():
-        by_module.setdefault(module_of.get(lora.weight_name, ""), []).append(lora.weight_name)
-    not_found = sorted(m for m in modules if m not in by_module)
-    several = {m: ws for m, ws in by_module.items() if len(ws) > 1}
-    if not_found or several:
-        raise AdapterFileError(
-            "the PEFT adapter does not fit this model's graph: "
-            + (f"no linear-like site for modules {not_found}" if not_found else "")
-            + ("; " if not_found and several else "")
-            + (f"modules with several LoRA weights (PEFT adapts one weight per module): {several}" if several else ""),
-            where=str(peft_dir),
-            fix="load it onto the model it was trained on; transformers models need frontend='export'")
-    tensors = {f"{m}.{p}": s[p] for m, s in modules.items() for p in ("lora_A", "lora_B")}
-    check_and_copy(gm, container, tensors, source=str(peft_dir), strict=True,
-                   key_of=lambda weight, part: f"{module_of[weight]}.{part}")
-    return adapted
+    with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
+        try:
+            adapted = adapt_model(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                                  frontend=frontend, fit_rank=False, **trace_options)
+        except RuleError as e:
+            raise AdapterFileError(f"the PEFT adapter does not fit this {type(model).__name__}: {e.what}",
+                                   where=str(peft_dir) + (f" ({e.where})" if e.where else ""),
+                                   fix="load it onto the model it was trained on "
+                                       f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
+                                   ) from e
+        gm, container, state = lora_modules(adapted)
+        module_of = {w: site.module for w, site in sites_by_weight(state).items()}
+        by_module: dict[str, list[str]] = {}
+        for lora in container.values():
+            by_module.setdefault(module_of.get(lora.weight_name, ""), []).append(lora.weight_name)
+        not_found = sorted(m for m in modules if m not in by_module)
+        several = {m: ws for m, ws in by_module.items() if len(ws) > 1}
+        if not_found or several:
+            raise AdapterFileError(
+                "the PEFT adapter does not fit this model's graph: "
+                + (f"no linear-like site for modules {not_found}" if not_found else "")
+                + ("; " if not_found and several else "")
+                + (f"modules with several LoRA weights (PEFT adapts one weight per module): {several}" if several else ""),
+                where=str(peft_dir),
+                fix="load it onto the model it was trained on; transformers models need frontend='export'")
+        tensors = {f"{m}.{p}": s[p] for m, s in modules.items() for p in ("lora_A", "lora_B")}
+        check_and_copy(gm, container, tensors, source=str(peft_dir), strict=True,
+                       key_of=lambda weight, part: f"{module_of[weight]}.{part}")
+        return adapted
 
 
 def _anchored(name: str) -> str:

@@ -163,8 +163,10 @@ class Rule:
             raise _bad("init", f"unknown init {self.init!r}", where, f"use one of {list(INITS)}")
 
     # ------------------------------------------------------------------ matching
-    def check(self, site: Site) -> str | None:
-        """None when every selector holds for `site`, else the reason the first failing one gives."""
+    def check(self, site: Site, role: str | None = None) -> str | None:
+        """None when every selector holds for `site`, else the reason the first failing one gives.
+
+        role: check one role slice of a packed weight (the q rows of a fused qkv) instead of the whole site."""
         names = (site.module, site.weight) if site.module else (site.weight,)
         if self.name is not None and not any(_name_matches(self.name, n) for n in names):
             return f"name {site.name!r} does not match {self.name!r}"
@@ -180,7 +182,9 @@ class Rule:
             return f"out_features {site.out_features} not in {list(self.out_features)}"
         if self.layers is not None and site.layer not in self.layers:
             return f"layer {site.layer} not in {_sorted(self.layers)}"
-        if self.role is not None and not set(self.role) & set(site.roles):
+        if self.role is not None and role is not None and role not in self.role:
+            return f"slice {role} not in roles {list(self.role)}"
+        if self.role is not None and role is None and not set(self.role) & set(site.roles):
             return f"roles {list(site.roles) or 'none'} do not include {list(self.role)}"
         return None
 
@@ -257,18 +261,34 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the rules decided for one site: which rule took it (index), and with what settings (None = no LoRA)."""
+    """What the rules decided for one site, or for one role slice of a packed site: which rule took it (index), and
+    with what settings (None = no LoRA)."""
 
     site: Site
     rule_index: int | None
     settings: LoraSettings | None
     reason: str = ""
-    # For a packed weight selected by role: the (role, row ranges) slices that get their own LoRA; () = whole weight
+    # A role slice of a packed weight that gets its own LoRA: ((role, row ranges),); () = the whole weight
     rows: tuple = ()
+    # the r the rule (or the defaults) asked for, when it was larger than the site allows and was capped
+    requested_r: int | None = None
+    # the roles the deciding rule selected this by (its slice's role, or the site's roles it names); () without a
+    # role selector. Adapter files record them so a load can rebuild the same LoRAs
+    roles: tuple[str, ...] = ()
 
     @property
     def adapted(self) -> bool:
         return self.settings is not None
+
+    @property
+    def slice_role(self) -> str | None:
+        return self.rows[0][0] if len(self.rows) == 1 else None
+
+    @property
+    def max_rank(self) -> int:
+        """min(in, out) of what this decision adapts: r above it would not be a low-rank update."""
+        out = sum(end - start for _, ranges in self.rows for start, end in ranges) or self.site.out_features
+        return min(self.site.in_features, out)
 
 
 def check_roles(rules: list[Rule] | None) -> None:
@@ -289,29 +309,55 @@ def check_roles(rules: list[Rule] | None) -> None:
                            f"known roles: {list(known)}; add one with lora_fx.passes.roles.register_role(name, finder)")
 
 
-def decide(sites: Iterable[Site], rules: list[Rule] | None, defaults: LoraSettings) -> list[Decision]:
-    """First matching rule wins; rules=None adapts every site with the defaults."""
+def decide(sites: Iterable[Site], rules: list[Rule] | None, defaults: LoraSettings, *,
+           fit_rank: bool = True) -> list[Decision]:
+    """First matching rule wins; rules=None adapts every site with the defaults.
+
+    A packed weight (a fused qkv whose rows the roles pass split into q, k and v) is decided slice by slice: each
+    role slice goes to the first rule that selects it, so Rule(role="attn.q", r=4) and Rule(role="attn.v", r=8)
+    both apply. When one rule without a role selector takes every slice, the weight gets one whole LoRA.
+    fit_rank: r larger than min(in, out) of what a decision adapts is capped to it (Decision.requested_r keeps
+    the r asked for); adapter files pass False, since their tensors fix r."""
     check_roles(rules)
-    decisions = []
-    for site in sites:
-        if rules is None:
-            decisions.append(Decision(site, None, defaults, "rules=None: every linear-like site"))
-            continue
-        reasons = []
-        for i, rule in enumerate(rules):
-            why_not = rule.check(site)
-            if why_not is None:
-                settings = None if rule.exclude else LoraSettings.resolve(rule, defaults)
-                rows = ()
-                if settings is not None and rule.role is not None and site.role_rows:
-                    rows = tuple((role, ranges) for role, ranges in site.role_rows if role in rule.role)
-                decisions.append(Decision(site, i, settings, f"rule {i} {'excludes' if rule.exclude else 'matches'}"
-                                          + (f" rows of {[r for r, _ in rows]}" if rows else ""), rows))
-                break
-            reasons.append(f"rule {i}: {why_not}")
-        else:
-            decisions.append(Decision(site, None, None, "; ".join(reasons) or "no rules"))
-    return decisions
+    decisions = [d for site in sites for d in _decide_site(site, rules, defaults)]
+    return [_fit_rank(d) for d in decisions] if fit_rank else decisions
+
+
+def _decide_site(site: Site, rules: list[Rule] | None, defaults: LoraSettings) -> list[Decision]:
+    if rules is None:
+        return [Decision(site, None, defaults, "rules=None: every linear-like site")]
+    if not site.role_rows:
+        return [_first_match(site, rules, defaults)]
+    slices = [_first_match(site, rules, defaults, (role, ranges)) for role, ranges in site.role_rows]
+    taken = {d.rule_index for d in slices}
+    if taken == {None} or (len(taken) == 1 and rules[slices[0].rule_index].role is None):
+        return [_first_match(site, rules, defaults)]  # no rule, or one rule without a role, took the whole weight
+    return slices
+
+
+def _first_match(site: Site, rules: list[Rule], defaults: LoraSettings, piece: tuple = ()) -> Decision:
+    """The decision of the first rule that selects `site` (or its role slice `piece` = (role, row ranges))."""
+    role = piece[0] if piece else None
+    reasons = []
+    for i, rule in enumerate(rules):
+        why_not = rule.check(site, role)
+        if why_not is None:
+            verb = "excludes" if rule.exclude else "matches"
+            settings = None if rule.exclude else LoraSettings.resolve(rule, defaults)
+            roles = (role,) if role else rule.matched_roles(site) if rule.role is not None else ()
+            return Decision(site, i, settings, f"rule {i} {verb}" + (f" the {role} rows" if role else ""),
+                            (piece,) if piece else (), roles=roles)
+        reasons.append(f"rule {i}: {why_not}")
+    return Decision(site, None, None, "; ".join(reasons) or "no rules", (piece,) if piece else ())
+
+
+def _fit_rank(d: Decision) -> Decision:
+    """Cap r at min(in, out): a 2-label classifier head takes r=2 from a default of 8 (its update is then full
+    rank, as small as it can be). The plan shows both numbers."""
+    if not d.adapted or d.settings.r <= d.max_rank:
+        return d
+    return replace(d, settings=replace(d.settings, r=d.max_rank), requested_r=d.settings.r,
+                   reason=f"{d.reason}; r capped {d.settings.r} -> {d.max_rank} = min(in, out)")
 
 
 def unused_rules(rules: list[Rule] | None, decisions: list[Decision]) -> list[int]:

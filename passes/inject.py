@@ -65,8 +65,8 @@ def adapter_key(weight: str, taken: set[str], suffix: str = "") -> str:
     return key
 
 
-def check_settings(weight: str, decisions: list[Decision], rows: tuple = ()) -> LoraSettings:
-    """One LoRA per weight (or per slice of a packed weight): its sites must agree on the settings; r must fit."""
+def check_settings(weight: str, decisions: list[Decision]) -> LoraSettings:
+    """One LoRA per weight (or per slice of a packed weight): its sites must agree on the settings."""
     settings = {d.settings for d in decisions}
     if len(settings) > 1:
         raise RuleError(
@@ -74,14 +74,6 @@ def check_settings(weight: str, decisions: list[Decision], rows: tuple = ()) -> 
             f"rules give different LoRA settings: {sorted(map(str, settings))}",
             where=weight, fix="one weight gets one LoRA: make the rules give its sites the same r/alpha/dropout")
     (chosen,) = settings
-    site = decisions[0].site
-    out = sum(end - start for start, end in rows) if rows else site.out_features
-    limit = min(site.in_features, out)
-    if chosen.r > limit:
-        raise RuleError(
-            f"r={chosen.r} is larger than min(in, out) = {limit} of weight {weight!r} "
-            f"({out}x{site.in_features}{' slice' if rows else ''}): the update would not be low-rank",
-            where=site.name, fix=f"use r <= {limit} for this site")
     return chosen
 
 
@@ -110,7 +102,7 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
         raise RuleError(f"adapter name {adapter!r} is taken or not an identifier", where="adapter",
                         fix=f"use a new name made of letters, digits and _ (taken: {sorted(state.adapters)})")
     units = _units(decisions)
-    settings = {u: check_settings(u[0], ds, u[2]) for u, ds in units.items()}  # raises before any change
+    settings = {u: check_settings(u[0], ds) for u, ds in units.items()}  # raises before any change
 
     container = nn.ModuleDict()
     gm.add_module(container_name(adapter), container)
@@ -128,6 +120,7 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
                                     scaling=s.scaling, init=s.init, weight_name=weight,
                                     weight_layout=site.weight_layout, rows=rows, output_rows=site.weight_rows,
                                     dtype=lora_dtype, device=base_w.device)
+        container[key].roles = ds[0].roles  # what selected it, for adapter files (lora_fx.adapter_file)
         state.adapters[adapter][key] = weight
         for d in ds:
             base = nodes[d.site.node]

@@ -882,20 +882,33 @@ def find_packed_rows(gm: fx.GraphModule, sites: list[Site], *, shapes: dict | No
     if not a.attention:
         return {}
     roles = find_roles(gm, sites, graph=graph, roles=QKV)
-    tracker = _Tracker(a, shapes)
+    tracker, real_sizes = _Tracker(a, shapes), None
+    # torch.export's symbolic sizes can hide how a reshape splits rows (nn.MultiheadAttention's cross-attention
+    # views (seq, batch·heads, 16·s/t)); the sizes of one real run line up where those do not
+    can_run = has_meta and shapes is None and (example_inputs is not None or bool(example_kwargs))
     out = {}
     for s in sites:
         if not roles.get(s.node):
             continue
-        try:
-            rows = tracker.track(a.nodes[s.node], s.out_features)
-        except (_Lost, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        rows = _track(tracker, a.nodes[s.node], s.out_features)
+        if rows is None and can_run:
+            real_sizes = real_sizes or _Tracker(a, record_shapes(gm, tuple(example_inputs or ()), example_kwargs))
+            rows = _track(real_sizes, a.nodes[s.node], s.out_features)
+        if rows is None:
             continue  # the row map got lost on the way: say nothing rather than guess
         full = frozenset(range(s.out_features))
         if not rows or (len(rows) == 1 and next(iter(rows.values())) == full):
             continue
         out[s.node] = {role: _ranges(rows[role]) for role in QKV if role in rows}
     return out
+
+
+def _track(tracker: _Tracker, node: fx.Node, out_features: int) -> dict[str, frozenset] | None:
+    """The rows reaching each of q/k/v, or None where the row map cannot be followed."""
+    try:
+        return tracker.track(node, out_features)
+    except (_Lost, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _ranges(rows: Iterable[int]) -> tuple[tuple[int, int], ...]:

@@ -140,6 +140,35 @@ def vit(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ):
     return model, (_images(batch),), {}
 
 
+# sequence classifiers with a few labels: the head is narrower than the default r=8, so rules=None caps its r
+def bert_cls(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ, labels: int = 2):
+    model = _hf("BertConfig", "BertForSequenceClassification", attn, vocab_size=VOCAB, hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
+                max_position_embeddings=64, num_labels=labels)
+    return (model, *_ids_mask(batch, seq))
+
+
+def distilbert_cls(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ, labels: int = 3):
+    model = _hf("DistilBertConfig", "DistilBertForSequenceClassification", attn, vocab_size=VOCAB, dim=HIDDEN,
+                n_layers=LAYERS, n_heads=HEADS, hidden_dim=2 * HIDDEN, max_position_embeddings=64, num_labels=labels)
+    return (model, *_ids_mask(batch, seq))
+
+
+def electra_cls(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ, labels: int = 5):
+    model = _hf("ElectraConfig", "ElectraForSequenceClassification", attn, vocab_size=VOCAB, embedding_size=HIDDEN,
+                hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=2 * HIDDEN, max_position_embeddings=64, num_labels=labels)
+    return (model, *_ids_mask(batch, seq))
+
+
+def albert_cls(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ, labels: int = 4):
+    # ALBERT shares one layer's weights across its layers: every weight has LAYERS call sites
+    model = _hf("AlbertConfig", "AlbertForSequenceClassification", attn, vocab_size=VOCAB, embedding_size=16,
+                hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=2 * HIDDEN, max_position_embeddings=64, num_labels=labels)
+    return (model, *_ids_mask(batch, seq))
+
+
 # ------------------------------------------------------------------------------------------------ timm
 def _timm(builder: Callable[[object], nn.Module], batch: int):
     timm = _importorskip("timm")
@@ -159,6 +188,10 @@ def timm_convnext(batch: int = BATCH, seq: int = SEQ):
 
 def timm_resnet18(batch: int = BATCH, seq: int = SEQ):
     return _timm(lambda timm: timm.create_model("resnet18", pretrained=False, num_classes=10), batch)
+
+
+def timm_resnet18_3cls(batch: int = BATCH, seq: int = SEQ):
+    return _timm(lambda timm: timm.create_model("resnet18", pretrained=False, num_classes=3), batch)
 
 
 def timm_mixer(batch: int = BATCH, seq: int = SEQ):
@@ -210,6 +243,22 @@ class MHAWrapper(nn.Module):
 def mha_wrapped(batch: int = BATCH, seq: int = SEQ):
     _seeded()
     return MHAWrapper().eval(), (_tokens(batch, seq),), {}
+
+
+class NarrowHead(nn.Module):
+    """A toy classifier whose head has 2 outputs (narrower than the default r=8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)).mean(1))
+
+
+def narrow_head(batch: int = BATCH, seq: int = SEQ):
+    _seeded()
+    return NarrowHead().eval(), (_tokens(batch, seq),), {}
 
 
 class Functional(nn.Module):
@@ -319,12 +368,14 @@ def _attn(fn, attn):
 
 # transformers cases in the fast test set (one of each kind of graph: Conv1D/addmm, encoder, decoder with GQA and
 # both attention implementations, vision); the others (same graphs with other names, DeBERTa, T5) are slow.
-FAST_TRANSFORMERS = {"gpt2-sdpa", "bert-sdpa", "llama-sdpa", "llama-eager", "vit-sdpa"}
+FAST_TRANSFORMERS = {"gpt2-sdpa", "bert-sdpa", "bert_cls-sdpa", "llama-sdpa", "llama-eager", "vit-sdpa"}
 
 
 def _hf_entries() -> list[Entry]:
     out = []
     for fn, attns, lm in [(gpt2, ("sdpa", "eager"), True), (bert, ("sdpa", "eager"), False),
+                          (bert_cls, ("sdpa",), False), (distilbert_cls, ("sdpa",), False),
+                          (electra_cls, ("sdpa",), False), (albert_cls, ("sdpa",), False),
                           (roberta, ("sdpa", "eager"), False), (deberta_v2, ("eager",), False),
                           (llama, ("sdpa", "eager"), True), (mistral, ("sdpa", "eager"), True),
                           (qwen2, ("sdpa", "eager"), True), (t5, ("eager",), True), (vit, ("sdpa", "eager"), False)]:
@@ -346,6 +397,8 @@ ZOO: list[Entry] = [
           notes="convnext_atto has conv_mlp=True: its MLPs are 1x1 Conv2d, not linear-like sites; only the head is"),
     Entry("timm-resnet18", timm_resnet18, ("fx", "export"), "timm", slow=True, dynamic_seq=False,
           notes="convolutions are not linear-like sites: only the classifier (fc) is adapted"),
+    Entry("timm-resnet18_3cls", timm_resnet18_3cls, ("fx", "export"), "timm", slow=True, dynamic_seq=False,
+          notes="a 3-class head: rules=None caps its r at 3"),
     Entry("timm-mixer", timm_mixer, ("fx", "export"), "timm", slow=True, dynamic_seq=False),
     Entry("torch-transformer_encoder", transformer_encoder, ("export",), "torch", fx_fails=True),
     Entry("torch-transformer_decoder", transformer_decoder, ("export",), "torch", fx_fails=True,
@@ -353,6 +406,7 @@ ZOO: list[Entry] = [
     Entry("torch-mha", mha, ("export",), "torch", fx_fails=True),
     Entry("torch-mha_wrapped", mha_wrapped, ("fx", "export"), "torch",
           notes="fx keeps the MultiheadAttention closed (a leaf): only inp/out are sites there"),
+    Entry("torch-narrow_head", narrow_head, ("fx", "export"), "torch", notes="a 2-output head: r capped at 2"),
     Entry("torch-functional", functional, ("fx", "export"), "torch"),
     Entry("torch-shared_weight", shared_weight, ("fx", "export"), "torch"),
     Entry("torch-conv_bn", conv_bn, ("fx", "export"), "torch", dynamic_seq=False,

@@ -124,7 +124,9 @@ def test_plan_table(capsys):
     assert code == EXIT_OK, err
     assert out.splitlines()[0].split()[:4] == ["site", "op", "shape", "roles"]
     assert "fc1" in out and "fc2" in out
-    assert "2 of 2 sites adapted, 352 LoRA parameters, front end: fx" in out
+    # fc1 16x8 at r=8: 8·(8+16); fc2 4x16 caps the default r=8 at 4: 4·(16+4)
+    assert "4 (capped from 8)" in out
+    assert "2 of 2 sites adapted, 272 LoRA parameters, front end: fx" in out
 
 
 def test_plan_json_with_rules_file(capsys, tmp_path):

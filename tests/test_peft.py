@@ -131,6 +131,7 @@ def test_save_peft_adapter_loads_in_peft_with_same_outputs(tmp_path, name):
     rules = {
         # layer 0: LoRA on the q and v rows of the fused c_attn only (loralib's MergedLinear), rsLoRA
         "gpt2": [lora_fx.Rule(name="h.0.attn.c_attn", role=["attn.q", "attn.v"], r=2, alpha=4, scaling="rslora"),
+                 lora_fx.Rule(name="h.0.attn.c_attn", exclude=True),  # its k rows: slices decide one by one
                  lora_fx.Rule(name="c_attn|c_proj", r=4, alpha=8)],
         "llama": [lora_fx.Rule(name="q_proj", r=4, alpha=16, scaling="rslora"),
                   lora_fx.Rule(name="layers.1.mlp.down_proj", r=2, alpha=8, scaling="rslora")],
