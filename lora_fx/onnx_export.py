@@ -19,12 +19,13 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from lora_fx.errors import ExportError, InputError
+from lora_fx.onnx_names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
 from lora_fx.passes.causal_attention import with_masked_attention
 from lora_fx.passes.trace import eval_mode
 
@@ -32,8 +33,8 @@ from lora_fx.passes.trace import eval_mode
 #: base and merged exports comparable even if a later torch changes its default.
 OPSET = 20
 
-#: Names given to the dynamic axes when ``dynamic=True`` (they appear as ``dim_param`` in the ONNX inputs).
-DYNAMIC_AXIS_NAMES = ("batch", "sequence")
+# how torch.export says that a dim marked dynamic cannot be (the model pins its size)
+_DIM_CONFLICT = re.compile(r"static shape|specializ|Constraints violated|dim hint|marked .* as dynamic", re.I)
 
 # torch's root logger: the exporter, torch.export and dynamo log progress, graph dumps and duplicate tracebacks
 # under it; the error that matters is raised as an ExportError anyway.
@@ -54,7 +55,9 @@ def export_onnx(
 
     The export runs in eval mode with ``torch.onnx.export(dynamo=True, opset_version=OPSET)`` and onnxscript's
     default optimisation except value-based initializer deduplication (see ``_optimize``).
-    ``dynamic=True`` makes the first two dims of every tensor input dynamic (named ``batch`` and ``sequence``);
+    ``dynamic=True`` makes dim 0 of every tensor input dynamic (named ``batch``) and dim 1 of token ids, masks and
+    (batch, sequence, features) inputs (``sequence``), where the model allows it; outputs are named after the
+    model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx_names).
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
     ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
     model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
@@ -72,13 +75,15 @@ def export_onnx(
     model = with_masked_attention(model)
     with _output_dir(path) as tmp_dir:
         with eval_mode(model):
-            _check_inputs_fit(model, example_inputs, example_kwargs)
+            outputs = output_names(_check_inputs_fit(model, example_inputs, example_kwargs))
+            specs = [dynamic_shapes]
             if dynamic_shapes is None and dynamic:
-                dynamic_shapes = _batch_sequence_shapes(model, example_inputs, example_kwargs)
+                specs = dynamic_specs(model, example_inputs, example_kwargs)
             if dtype is not None:
                 _warn_if_traced_dtype(model, dtype)
                 model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
-            _export(model, tmp_dir / path.name, example_inputs, example_kwargs, dynamic_shapes, path)
+            _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
+                                    outputs)
         try:
             _move_into_place(tmp_dir, path)
         except OSError as err:
@@ -111,11 +116,12 @@ def _output_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Run the model's own forward once, so bad example inputs fail with a clear error instead of an exporter trace."""
+def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Run the model's own forward once, so bad example inputs fail with a clear error instead of an exporter trace.
+    Returns the outputs (their structure names the ONNX outputs)."""
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            return model(*args, **kwargs)
     except Exception as err:
         raise InputError(
             f"the example inputs do not fit the model: its forward fails with {type(err).__name__}: {err}",
@@ -161,6 +167,7 @@ def _export(
     kwargs: dict[str, Any],
     dynamic_shapes: Any,
     path: pathlib.Path,
+    name_interface: Callable[[Any], None] = lambda model: None,
 ) -> None:
     """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError."""
     try:
@@ -177,6 +184,7 @@ def _export(
                 report=False,
             )
             _optimize(program.model)
+            name_interface(program.model)
             program.save(str(target), external_data=False)  # still external for models over ~1.5 GB
     except Exception as err:
         raise ExportError(
@@ -184,6 +192,26 @@ def _export(
         ) from err
     if not target.is_file():
         raise ExportError("torch.onnx.export returned without writing a file", where=str(path), fix="report this as a bug")
+
+
+def _export_first_that_fits(model: torch.nn.Module, target: pathlib.Path, args: tuple, kwargs: dict[str, Any],
+                            specs: list[Any], path: pathlib.Path, outputs: list[str]) -> None:
+    """_export with the first dynamic_shapes of `specs` that the model allows: a dim it pins to one size (an MLP's
+    features, a ViT's channels) is dropped and the export tried again; then the next spec."""
+    specs = list(specs)
+    spec = specs.pop(0)
+    while True:
+        try:
+            return _export(model, target, args, kwargs, spec, path,
+                           lambda onnx_model: name_interface(onnx_model, axis_names(spec), outputs))
+        except ExportError as err:
+            fewer = without_pinned(spec, str(err.__cause__ or err)) if isinstance(spec, dict) else None
+            if fewer is not None:
+                spec = fewer
+            elif specs and _DIM_CONFLICT.search(str(err)):
+                spec = specs.pop(0)
+            else:
+                raise
 
 
 def _optimize(model) -> None:
@@ -262,29 +290,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _batch_sequence_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """dynamic_shapes that mark dims 0 and 1 of every tensor input as ``batch`` and ``sequence``.
-
-    Keyed by forward-parameter name, the one form torch.export accepts for positional and keyword inputs alike.
-    String dims become Dim.DYNAMIC, and the exporter writes the strings as the ONNX dim names.
-    """
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError as err:
-        raise InputError(
-            f"the example inputs do not match the forward signature: {err}",
-            where=f"{type(model).__name__}.forward",
-            fix="pass the example inputs the forward expects, or give dynamic_shapes yourself",
-        ) from err
-
-    def axes(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {axis: name for axis, name in enumerate(DYNAMIC_AXIS_NAMES[: value.dim()])} or None
-        return None
-
-    return {name: _map_structure(axes, value) for name, value in bound.arguments.items()}
 
 
 def _map_structure(fn: Any, value: Any) -> Any:

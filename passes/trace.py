@@ -141,13 +141,33 @@ def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     return spec
 
 
+def _has_size_one(args: tuple, kwargs: dict) -> bool:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return any(isinstance(t, torch.Tensor) and 1 in t.shape for t in leaves)
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """torch.export with every dim Dim.AUTO. An example of batch 1 (one tokenized sentence) would pin that dim to
+    1 (torch.export specializes sizes 0 and 1), so such examples are traced size-oblivious first: a size-1 dim then
+    stays as dynamic as any other. Models that refuse that (transformers' sdpa attention takes is_causal from
+    query length > 1) are traced as usual; models that refuse symbolic sizes at all, static."""
+    dynamic = _auto_dynamic_shapes(model, args, kwargs)
+    if _has_size_one(args, kwargs):
+        from torch.fx.experimental import _config as shape_config
+        try:
+            with shape_config.patch(backed_size_oblivious=True):
+                return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception:
+            pass
+    try:
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception:  # some models refuse symbolic sizes; a static graph still serves
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
 def trace_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     with eval_mode(model):
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs))
-        except Exception:  # some models refuse symbolic sizes; a static graph still serves
-            ep = torch.export.export(model, args, kwargs, strict=False)
+        ep = _export_program(model, args, kwargs)
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph and tensors does not.
     gm = clone_graph_module(ep.module(), class_name=type(model).__name__)
     drop_dtype_asserts(gm)

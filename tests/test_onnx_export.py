@@ -203,3 +203,56 @@ def test_exporter_failure_raises_export_error_and_keeps_the_previous_file(tmp_pa
     assert "DataDependent" in str(info.value) and "torch.export" in info.value.fix
     assert target.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+# ------------------------------------------------------------------------------------------------ names
+def _interface(path) -> tuple[dict, dict]:
+    graph = onnx.load(str(path)).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return {i.name: dims(i) for i in graph.input}, {o.name: dims(o) for o in graph.output}
+
+
+@pytest.mark.parametrize("name, inputs, outputs", [
+    ("llama", {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
+     {"logits": ["batch", "sequence", 128]}),
+    ("bert", {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
+     {"last_hidden_state": ["batch", "sequence", 32], "pooler_output": ["batch", 32]}),
+    ("vit", {"pixel_values": ["batch", 3, 32, 32]}, {"logits": ["batch", 10]}),  # the model pins C, H and W
+])
+def test_exports_are_named_like_the_model(tmp_path, name, inputs, outputs):
+    """Dynamic dims named as documented (one name for a dim inputs share), outputs after the model's fields, the
+    same names in base, merged and unmerged files; a file traced at batch 1 runs at batch 3."""
+    import lora_fx
+    import models_zoo as Z
+
+    model, args, kwargs = getattr(Z, name)(batch=1)
+    adapted = lora_fx.adapt(model, example_inputs=args, example_kwargs=kwargs)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, 0.1)
+    merged = lora_fx.fold(adapted)
+    paths = {tag: export_onnx(m, tmp_path / f"{tag}.onnx", args, kwargs, dynamic=True)
+             for tag, m in (("base", model), ("merged", merged), ("unmerged", adapted))}
+    for tag, path in paths.items():
+        assert _interface(path) == (inputs, outputs), tag
+    assert verify_onnx(paths["base"], paths["merged"]).identical
+    _, other_args, other_kwargs = getattr(Z, name)(batch=3, seq=5)
+    report = lora_fx.check_parity(paths["merged"], merged, other_args, other_kwargs)
+    assert report.ok and [o.name for o in report.outputs] == list(outputs), str(report)
+
+
+def test_outputs_of_plain_modules_are_named_by_position(tmp_path, block):
+    class Two(nn.Module):
+        def forward(self, x):
+            return {"scores": x * 2, "parts": (x + 1, x - 1)}
+
+    path = export_onnx(Two(), tmp_path / "two.onnx", (_x(2, 3),))
+    assert list(_interface(path)[1]) == ["scores", "parts.0", "parts.1"]
+    path = export_onnx(block, tmp_path / "one.onnx", (_x(2, 5, 16),))
+    assert list(_interface(path)[1]) == ["output"]
+
+
+def test_dynamic_export_keeps_dims_the_model_pins_static(tmp_path):
+    """An MLP's (batch, features) input: features are pinned by the weight, batch stays dynamic."""
+    path = export_onnx(MLP(), tmp_path / "mlp.onnx", (_x(2, 8),), dynamic=True)
+    assert _interface(path) == ({"x": ["batch", 8]}, {"output": ["batch", 4]})
