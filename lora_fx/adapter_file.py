@@ -44,6 +44,7 @@ from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.split_layers import LayerView
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.rollback import unchanged_on_error
+from lora_fx.site_kinds import kind_of
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -348,6 +349,14 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(int(s) for s in t.shape)
 
 
+def _meaning(lora: nn.Module) -> dict[str, str]:
+    """What the dims of A and B are, for messages."""
+    kernel = len(getattr(lora, "kernel_size", ()))
+    if kernel:
+        return {"lora_A": f"(r, in{', k' * kernel})", "lora_B": f"(out, r{', 1' * kernel})"}
+    return {"lora_A": "(r, in)", "lora_B": "(rows, r)" if getattr(lora, "rows", ()) else "(out, r)"}
+
+
 def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dict[str, torch.Tensor], *,
                    source: str, strict: bool = True, settings: dict[str, dict] | None = None,
                    key_of: Callable[[str, str], str] = lambda weight, part: f"{weight}.{part}") -> LoadReport:
@@ -372,8 +381,8 @@ def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dic
     copies = []
     for w in present:
         lora = by_weight[w]
-        expected = {"lora_A": (lora.r, lora.in_features), "lora_B": (b_rows(lora), lora.r)}
-        meaning = {"lora_A": "(r, in)", "lora_B": "(rows, r)" if getattr(lora, "rows", ()) else "(out, r)"}
+        expected = {"lora_A": _shape(lora.lora_A), "lora_B": _shape(lora.lora_B)}
+        meaning = _meaning(lora)
         for part in ("lora_A", "lora_B"):
             key = key_of(w, part)
             t = tensors.get(key)
@@ -440,6 +449,8 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
             "r": lora.r, "alpha": lora.alpha, "scaling": lora.scaling_kind, "dropout": float(dropout),
             "init": inits.get(lora.weight_name),
             "layout": lora.weight_layout, "in_features": lora.in_features, "out_features": lora.out_features,
+            "kind": kind_of(site).name if site else "linear",
+            "kernel_size": list(getattr(lora, "kernel_size", ())) or None,
             "dtype": dtype_name(lora.lora_A.dtype),
         }
     return out
@@ -561,6 +572,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
             problems.append(f"{w}: unknown scaling {s.get('scaling')!r}")
         if "dtype" in s and (dtype_from_name(s["dtype"]) is None or not dtype_from_name(s["dtype"]).is_floating_point):
             problems.append(f"{w}: dtype {s['dtype']!r} is not a floating-point torch dtype")
+        kernel = s.get("kernel_size") or []
+        if not (isinstance(kernel, list) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0
+                                                  for k in kernel)):
+            problems.append(f"{w}: kernel_size={kernel!r} is not a list of positive ints")
         rows = s.get("rows") or []
         if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
                 isinstance(i, int) and not isinstance(i, bool) for i in r) and 0 <= r[0] < r[1] for r in rows)):
@@ -579,7 +594,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
                         f"{sorted(listed - set(tensors))}")
     for w, s in weights.items():
         n_rows = sum(b - a for a, b in s.get("rows") or []) or s["out_features"]
-        want = {"lora_A": (s["r"], s["in_features"]), "lora_B": (n_rows, s["r"])}
+        kernel = tuple(s.get("kernel_size") or ())  # a convolution's A has the layer's kernel, its B 1x1
+        want = {"lora_A": (s["r"], s["in_features"], *kernel), "lora_B": (n_rows, s["r"], *(1,) * len(kernel))}
         for part in ("lora_A", "lora_B"):
             t = tensors.get(f"{w}.{part}")
             if t is None:

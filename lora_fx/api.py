@@ -129,6 +129,12 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
         problems.append((f"rules[{i}]", f"rule {i} {rules[i].describe()} asks for r={rules[i].r}, more than "
                                         f"min(in, out) of {names[:10]}: r is capped there",
                          "lower r, or exclude those sites with an earlier Rule(..., exclude=True)"))
+    refused = [d for d in decisions if d.refusal]
+    if refused:
+        problems.append((refused[0].site.name, f"{len(refused)} selected site(s) cannot take a LoRA and are left "
+                                               f"without: " + "; ".join(f"{d.site.name}: {d.refusal}"
+                                                                       for d in refused[:5]),
+                         "exclude them with an earlier Rule(..., exclude=True), or select other sites"))
     for where, message, fix in problems:
         if strict:
             raise RuleError(message, where=where, fix=fix)

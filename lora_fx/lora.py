@@ -1,13 +1,20 @@
-"""The LoRA branch: (alpha / r) · B · A · dropout(x), one module per adapted weight.
+"""The LoRA branches: (alpha / r) · B · A · dropout(x), one module per adapted weight, one class per kind of site.
 
-A weight used at several call sites gets one `LoraLinear`; the inject pass calls it beside each site.
-A starts kaiming-uniform and B at zero (Hu et al., 2021), so an adapted model starts exactly equal to the original.
-LoRA weights are kept in fp32 when the base weight is fp16/bf16 (as PEFT does): low-precision adapters train badly.
+    LoraLinear     y = x·Wᵀ         branch = s · (dropout(x)·Aᵀ)·Bᵀ          delta W = s · B·A
+    LoraConv       y = conv(x, W)   branch = s · conv1x1(conv(x, A), B)      delta W = s · B∘A   (A: the layer's kernel)
+    LoraEmbedding  y = W[ids]       branch = s · Aᵀ[ids]·Bᵀ                  delta W = s · (B·A)ᵀ
+
+A weight used at several call sites gets one branch module; the inject pass calls it beside each site. Shapes are
+PEFT's (A: (r, in, *kernel) or (r, num_embeddings); B: (out, r, *1) or (dim, r)), so adapter files map one to one.
+A starts kaiming-uniform (normal for embeddings, as PEFT) and B at zero (Hu et al., 2021), so an adapted model
+starts exactly equal to the original. LoRA weights are kept in fp32 when the base weight is fp16/bf16 (as PEFT
+does): low-precision adapters train badly. `add_delta_` is the fold math: total += alpha · delta W, in place.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,3 +130,112 @@ class LoraLinear(nn.Module):
             f"out={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, scaling={self.scaling:g}"
         )
+
+
+class LoraConv(nn.Module):
+    """LoRA on a convolution (PEFT's layout): A is a conv with the layer's kernel, stride, padding and dilation
+    (in -> r channels), B a 1x1 conv (r -> out). conv(x, W) + s·B(A(x)) = conv(x, W + s·B∘A) exactly, since B mixes
+    channels after A. Grouped convolutions are not supported (B∘A would not be block-diagonal)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], *, r: int, alpha: float,
+                 stride: Any = 1, padding: Any = 0, dilation: Any = 1, dropout: float = 0.0,
+                 scaling: str = "standard", init: str = "kaiming", weight_name: str = "",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.r, self.alpha, self.scaling_kind = r, float(alpha), scaling
+        self.scaling = lora_scaling(r, alpha, scaling)
+        self.weight_name, self.weight_layout, self.rows, self.output_rows = weight_name, OUT_IN, (), None
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled, self.roles = True, ()
+        ones = (1,) * len(self.kernel_size)
+        self.lora_A = nn.Parameter(torch.empty(r, in_channels, *self.kernel_size, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_channels, r, *ones, dtype=dtype, device=device))
+        self.reset_parameters(init)
+
+    reset_parameters = LoraLinear.reset_parameters
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, **geometry: Any) -> torch.Tensor:
+        conv = F.conv1d if len(self.kernel_size) == 1 else F.conv2d if len(self.kernel_size) == 2 else F.conv3d
+        return conv(x, weight, **geometry)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            shape = self._conv(x[:1, :1].detach(), self.lora_A[:1, :1].detach(), stride=self.stride,
+                               padding=self.padding, dilation=self.dilation).shape
+            return x.new_zeros(x.shape[0], self.out_features, *shape[2:])
+        autocast = torch.is_autocast_enabled(x.device.type)
+        h = self.dropout(x) if autocast else self.dropout(x).to(self.lora_A.dtype)
+        down = self._conv(h, self.lora_A, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        out = self._conv(down, self.lora_B) * self.scaling
+        return out if autocast else out.to(x.dtype)
+
+    @property
+    def output_features(self) -> int:
+        return self.out_features
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scaling · B∘A in `dtype`, shaped like the conv weight (out, in, *kernel)."""
+        a, b = self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
+        return (b.flatten(1) @ a.flatten(1)).view(self.out_features, self.in_features, *self.kernel_size) * self.scaling
+
+    def add_delta_(self, total: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """total += alpha · scaling · B∘A in place, in total's dtype (one GEMM on the flattened kernel)."""
+        a = self.lora_A.detach().to(total.device, total.dtype).flatten(1)
+        b = self.lora_B.detach().to(total.device, total.dtype).flatten(1)
+        total.view(self.out_features, -1).addmm_(b, a, alpha=alpha * self.scaling)
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_name}: in={self.in_features}, out={self.out_features}, kernel={self.kernel_size}, "
+                f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}")
+
+
+class LoraEmbedding(nn.Module):
+    """LoRA on an embedding table (PEFT's layout): A (r, num_embeddings), B (dim, r); the branch looks ids up in
+    Aᵀ and maps them by Bᵀ, so W[ids] + s·Aᵀ[ids]·Bᵀ = (W + s·(B·A)ᵀ)[ids]. No dropout: ids have nothing to drop."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, r: int, alpha: float, padding_idx: int | None = None,
+                 dropout: float = 0.0, scaling: str = "standard", init: str = "kaiming", weight_name: str = "",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = num_embeddings, embedding_dim
+        self.r, self.alpha, self.scaling_kind = r, float(alpha), scaling
+        self.scaling = lora_scaling(r, alpha, scaling)
+        self.weight_name, self.weight_layout, self.rows, self.output_rows = weight_name, OUT_IN, (), None
+        self.padding_idx = padding_idx
+        self.dropout = nn.Identity()
+        self.enabled, self.roles = True, ()
+        self.lora_A = nn.Parameter(torch.empty(r, num_embeddings, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(embedding_dim, r, dtype=dtype, device=device))
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        nn.init.normal_(self.lora_A)  # PEFT's embedding init: A normal, B zero (kaiming on ids makes no sense)
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.lora_B.new_zeros(*ids.shape, self.out_features)
+        rows = F.embedding(ids, self.lora_A.T, padding_idx=self.padding_idx)
+        return (rows @ self.lora_B.T) * self.scaling
+
+    @property
+    def output_features(self) -> int:
+        return self.out_features
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scaling · (B·A)ᵀ in `dtype`, shaped like the table (num_embeddings, dim)."""
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)).T * self.scaling
+
+    def add_delta_(self, total: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """total += alpha · scaling · (B·A)ᵀ = Aᵀ·Bᵀ, in place (one GEMM)."""
+        a = self.lora_A.detach().to(total.device, total.dtype)
+        b = self.lora_B.detach().to(total.device, total.dtype)
+        return total.addmm_(a.T, b.T, alpha=alpha * self.scaling)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_name}: num_embeddings={self.in_features}, dim={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}")

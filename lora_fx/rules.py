@@ -33,6 +33,7 @@ from typing import Any, Iterable
 from lora_fx.errors import RuleError
 from lora_fx.lora import INITS, SCALINGS
 from lora_fx.site import OP_KINDS, Site
+from lora_fx.site_kinds import kind_of
 
 
 def _as_tuple(value: Any) -> tuple | None:
@@ -168,6 +169,11 @@ class Rule:
 
         role: check one role slice of a packed weight (the q rows of a fused qkv) instead of the whole site."""
         names = (site.module, site.weight) if site.module else (site.weight,)
+        kind = kind_of(site)
+        if not kind.implicit and self.op is None and self.module_type is None and self.name is None \
+                and self.glob is None:
+            return (f"a {kind.name} site is taken only by a rule that names it (op={kind.ops[0]!r}, module_type=, "
+                    f"name= or glob=)")
         if self.name is not None and not any(_name_matches(self.name, n) for n in names):
             return f"name {site.name!r} does not match {self.name!r}"
         if self.glob is not None and not any(fnmatch.fnmatchcase(n, self.glob) for n in names):
@@ -275,6 +281,8 @@ class Decision:
     # the roles the deciding rule selected this by (its slice's role, or the site's roles it names); () without a
     # role selector. Adapter files record them so a load can rebuild the same LoRAs
     roles: tuple[str, ...] = ()
+    # why a site the rule selected cannot take a LoRA (a grouped convolution), when that is why it has none
+    refusal: str = ""
 
     @property
     def adapted(self) -> bool:
@@ -288,7 +296,8 @@ class Decision:
     def max_rank(self) -> int:
         """min(in, out) of what this decision adapts: r above it would not be a low-rank update."""
         out = sum(end - start for _, ranges in self.rows for start, end in ranges) or self.site.out_features
-        return min(self.site.in_features, out)
+        fan_in = self.site.in_features * math.prod(self.site.param("kernel_size", ()))  # a conv's A sees a kernel
+        return min(fan_in, out)
 
 
 def check_roles(rules: list[Rule] | None) -> None:
@@ -324,6 +333,9 @@ def decide(sites: Iterable[Site], rules: list[Rule] | None, defaults: LoraSettin
 
 
 def _decide_site(site: Site, rules: list[Rule] | None, defaults: LoraSettings) -> list[Decision]:
+    if rules is None and not kind_of(site).implicit:
+        return [Decision(site, None, None, f"rules=None adapts linear-like sites; a {kind_of(site).name} site needs "
+                                           f"a rule that names it, e.g. Rule(op={kind_of(site).ops[0]!r})")]
     if rules is None:
         return [Decision(site, None, defaults, "rules=None: every linear-like site")]
     if not site.role_rows:
@@ -345,6 +357,9 @@ def _first_match(site: Site, rules: list[Rule], defaults: LoraSettings, piece: t
             verb = "excludes" if rule.exclude else "matches"
             settings = None if rule.exclude else LoraSettings.resolve(rule, defaults)
             roles = (role,) if role else rule.matched_roles(site) if rule.role is not None else ()
+            refusal = kind_of(site).check(site) if settings is not None else None
+            if refusal:
+                return Decision(site, i, None, f"rule {i} matches, but {refusal}", roles=roles, refusal=refusal)
             return Decision(site, i, settings, f"rule {i} {verb}" + (f" the {role} rows" if role else ""),
                             (piece,) if piece else (), roles=roles)
         reasons.append(f"rule {i}: {why_not}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# What kind of op a site is. Rules select on these names (Rule(op=...)).
-OP_KINDS = ("linear_module", "functional_linear", "matmul", "conv1d")
+# What op a site is. Rules select on these names (Rule(op=...)); lora_fx.site_kinds groups them into kinds of site
+# (linear, conv, embedding), each with its own LoRA math.
+OP_KINDS = ("linear_module", "functional_linear", "matmul", "conv1d", "conv", "embedding")
 
 # How the weight is stored: nn.Linear keeps (out, in); GPT-2's Conv1D and `x @ W` keep (in, out).
 OUT_IN, IN_OUT = "out_in", "in_out"
@@ -23,8 +24,8 @@ class Site:
     weight: str  # qualified name of the weight parameter, e.g. "layers.0.attn.q.weight"
     module: str  # qualified name of the module that owns the weight ("" for the root module)
     module_type: str  # class name of that module, e.g. "Linear", "Conv1D"
-    in_features: int
-    out_features: int
+    in_features: int  # in features; a convolution's in channels; an embedding's table size
+    out_features: int  # out features; out channels; the embedding dim
     weight_layout: str  # OUT_IN or IN_OUT
     has_bias: bool
     input_arg: int  # which positional argument of the node is the activation x
@@ -39,6 +40,12 @@ class Site:
     # when the op reads a row slice of the parameter (nn.MultiheadAttention's cross-attention splits in_proj_weight
     # into q and kv before F.linear): the (start, end) rows of the parameter it reads; out_features is end - start
     weight_rows: tuple[int, int] | None = None
+    # what the kind of site needs beyond the shapes, as (name, value) pairs: a convolution's kernel_size, stride,
+    # padding, dilation and groups; an embedding's padding_idx (lora_fx.site_kinds)
+    params: tuple[tuple[str, object], ...] = field(default=())
+
+    def param(self, name: str, default: object = None) -> object:
+        return dict(self.params).get(name, default)
 
     @property
     def name(self) -> str:

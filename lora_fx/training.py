@@ -25,7 +25,7 @@ from torch import nn
 
 from lora_fx.adapter_file import lora_modules, unwrap
 from lora_fx.errors import InputError, LoraFxError
-from lora_fx.lora import LoraLinear
+from lora_fx.site_kinds import BRANCHES, kind_of
 
 
 
@@ -51,7 +51,7 @@ def _linear_only_weights(gm: nn.Module, state: Any) -> set[int]:
     Under autocast those ops compute in the low dtype anyway, so storing their weights in it changes no activation's
     dtype. Other weights (embeddings, a weight tied to an embedding) would: torch.export graphs pin dtypes with
     aten._assert_tensor_metadata, and the model's arithmetic would change."""
-    site_weight = {s.node: s.weight for s in getattr(state, "sites", [])}
+    site_weight = {s.node: s.weight for s in getattr(state, "sites", []) if kind_of(s).name == "linear"}
     ok: dict[int, bool] = {}
 
     def use(p: Any, fine: bool) -> None:
@@ -68,7 +68,7 @@ def _linear_only_weights(gm: nn.Module, state: Any) -> set[int]:
                 u.name in site_weight and site_weight[u.name] == node.target for u in node.users))
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if isinstance(module, LoraLinear):
+            if isinstance(module, BRANCHES):
                 continue
             for pname, p in module.named_parameters():
                 use(p, node.name in site_weight and site_weight[node.name] == f"{node.target}.{pname}")
@@ -97,7 +97,7 @@ def prepare_mixed_precision(adapted: nn.Module, base_dtype: torch.dtype = torch.
         raise InputError(f"unknown cast={cast!r}", where="cast", fix=f"use one of {list(CAST_CHOICES)}")
     gm = unwrap(adapted)
     _, _, state = lora_modules(gm, what="prepare mixed precision for")
-    lora_ids = {id(p) for m in gm.modules() if isinstance(m, LoraLinear) for p in m.parameters()}
+    lora_ids = {id(p) for m in gm.modules() if isinstance(m, BRANCHES) for p in m.parameters()}
     linear_ids = _linear_only_weights(gm, state) if cast == "linear" else set()
 
     def wanted(p: nn.Parameter) -> bool:

@@ -5,7 +5,8 @@
                                         y2 = add(y, d)
                                         z = relu(y2)
 
-One LoraLinear per weight (a weight used at several sites gets one LoRA, called at each). The LoRA modules live
+One branch module per weight (lora_fx.site_kinds builds it for the site's kind; a weight used at several sites gets
+one LoRA, called at each). The LoRA modules live
 under the GraphModule's `lora_fx` ModuleDict, keyed by the weight's name with dots as underscores.
 """
 
@@ -21,10 +22,10 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import RuleError
-from lora_fx.lora import LoraLinear
 from lora_fx.passes.infra import PassResult, graph_signature, preserve_on_deepcopy
 from lora_fx.rules import Decision, LoraSettings
 from lora_fx.site import Site
+from lora_fx.site_kinds import kind_of
 
 CONTAINER = "lora_fx"  # name of the ModuleDict that holds the default adapter's LoRA modules
 DEFAULT = "default"  # the adapter adapt creates; others live in ModuleDicts named lora_fx_<name>
@@ -51,7 +52,7 @@ class LoraState:
     defaults: dict[str, Any] = field(default_factory=dict)  # adapter name -> its LoraSettings defaults
 
     def containers(self, gm: fx.GraphModule) -> dict[str, nn.ModuleDict]:
-        """{adapter name: its ModuleDict of LoraLinear} in the order the adapters were added."""
+        """{adapter name: its ModuleDict of LoRA branch modules} in the order the adapters were added."""
         return {name: getattr(gm, container_name(name)) for name in self.adapters}
 
 
@@ -111,15 +112,9 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
     changes = []
     for unit, ds in units.items():
         (weight, role, rows), s, site = unit, settings[unit], ds[0].site
-        base_w = gm.get_parameter(weight)
         suffix = role.rpartition(".")[2] if role else (f"rows{rows[0][0]}" if site.weight_rows is not None else "")
         key = adapter_key(weight, set(container.keys()), suffix=suffix)
-        lora_dtype = base_w.dtype if base_w.dtype.itemsize >= 4 else torch.float32
-        out_features = base_w.shape[0] if site.weight_rows is not None else site.out_features
-        container[key] = LoraLinear(site.in_features, out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
-                                    scaling=s.scaling, init=s.init, weight_name=weight,
-                                    weight_layout=site.weight_layout, rows=rows, output_rows=site.weight_rows,
-                                    dtype=lora_dtype, device=base_w.device)
+        container[key] = kind_of(site).build(site, s, gm.get_parameter(weight), rows)
         container[key].roles = ds[0].roles  # what selected it, for adapter files (lora_fx.adapter_file)
         state.adapters[adapter][key] = weight
         for d in ds:
@@ -135,11 +130,22 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
                 for k in ("nn_module_stack", "stack_trace"):
                     if k in base.meta:
                         n.meta[k] = base.meta[k]
+            branch.meta["nn_module_stack"] = _inside(base.meta.get("nn_module_stack"), branch.target,
+                                                     type(container[key]))
         changes.append(f"{weight}{f' ({role} rows)' if role else ''}: LoRA {adapter!r} r={s.r} alpha={s.alpha:g} at {[d.site.node for d in ds]}")
     container.train(gm.training)  # new modules start in training mode: an eval-mode model must not drop out
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(units), changes)
+
+
+def _inside(stack: dict | None, path: str, cls: type) -> dict:
+    """The base node's module stack with the LoRA module innermost: an unmerged ONNX export then names the branch's
+    nodes after it (lora_fx.fold_onnx finds every leftover branch by that), while layer boundaries stay."""
+    stack = dict(stack or {})
+    as_string = any(isinstance(v[1], str) for v in stack.values())
+    stack[path] = (path, f"{cls.__module__}.{cls.__qualname__}" if as_string else cls)
+    return stack
 
 
 def keep_base_in_eval(gm: fx.GraphModule) -> None:

@@ -159,47 +159,157 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
                 input_arg=x_idx, layer=layer_index(weight), weight_rows=rows)
 
 
+# ---------------------------------------------------------------------------------------------------- linear
+def match_linear(gm: fx.GraphModule, model: nn.Module, node: fx.Node) -> tuple[Site, fx.Node | None] | None:
+    """An nn.Linear call, or a call_function/call_method of FUNCTION_PATTERNS / METHOD_PATTERNS on a parameter."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Linear) or not node.args:
+            return None
+        w = module.weight
+        _, module_type = _owner(model, f"{node.target}.weight")
+        return Site(node=node.name, op="linear_module", weight=f"{node.target}.weight", module=node.target,
+                    module_type=module_type, in_features=w.shape[1], out_features=w.shape[0], weight_layout=OUT_IN,
+                    has_bias=module.bias is not None, input_arg=0, layer=layer_index(node.target)), None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    pattern = (FUNCTION_PATTERNS if node.op == "call_function" else METHOD_PATTERNS).get(node.target)
+    site = _site(gm, model, node, *pattern) if pattern is not None else None
+    return (site, node.args[pattern[2]]) if site is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------- convolutions
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# call_function targets: (index of x, index of W, index of bias, then stride, padding, dilation, groups by position)
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                  aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _ntuple(value, n: int):
+    if isinstance(value, str):
+        return value  # padding="same" / "valid"
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * n
+
+
+def _conv_site(gm, model, node: fx.Node, weight: str, x_index: int, geometry: dict, module: str | None,
+               module_type: str | None) -> Site | None:
+    w = gm.get_parameter(weight)
+    if not isinstance(node.args[x_index], fx.Node) or w.dim() < 3:
+        return None
+    n = w.dim() - 2
+    if module is None:
+        module, module_type = _owner(model, weight)
+    params = (("kernel_size", tuple(w.shape[2:])), ("stride", _ntuple(geometry.get("stride", 1), n)),
+              ("padding", _ntuple(geometry.get("padding", 0), n)), ("dilation", _ntuple(geometry.get("dilation", 1), n)),
+              ("groups", int(geometry.get("groups", 1))), ("padding_mode", geometry.get("padding_mode", "zeros")))
+    return Site(node=node.name, op="conv", weight=weight, module=module, module_type=module_type,
+                in_features=int(w.shape[1]) * int(geometry.get("groups", 1)), out_features=int(w.shape[0]),
+                weight_layout=OUT_IN, has_bias=bool(geometry.get("bias")), input_arg=x_index,
+                layer=layer_index(weight), params=params)
+
+
+def match_conv(gm: fx.GraphModule, model: nn.Module, node: fx.Node) -> tuple[Site, fx.Node | None] | None:
+    """An nn.Conv1d/2d/3d call, F.conv1d/2d/3d or aten.conv*d / aten.convolution (not transposed) on a parameter."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, CONV_MODULES) or not node.args:
+            return None
+        _, module_type = _owner(model, f"{node.target}.weight")
+        geometry = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
+                    "padding_mode": m.padding_mode, "bias": m.bias is not None}
+        site = _conv_site(gm, model, node, f"{node.target}.weight", 0, geometry, node.target, module_type)
+        return (site, None) if site is not None else None
+    if node.op != "call_function":
+        return None
+    if node.target is aten.convolution.default:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
+    elif node.target in CONV_FUNCTIONS:
+        names = _CONV_ARGS
+    else:
+        return None
+    call = {**dict(zip(names, node.args)), **node.kwargs}
+    weight = _parameter_name(gm, call.get("weight"))
+    if weight is None or call.get("transposed", False):
+        return None
+    call["bias"] = call.get("bias") is not None
+    site = _conv_site(gm, model, node, weight, 0, call, None, None)
+    return (site, call_weight_arg(node, names)) if site is not None else None
+
+
+def call_weight_arg(node: fx.Node, names: tuple[str, ...]) -> fx.Node:
+    i = names.index("weight")
+    return node.args[i] if len(node.args) > i else node.kwargs["weight"]
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+def match_embedding(gm: fx.GraphModule, model: nn.Module, node: fx.Node) -> tuple[Site, fx.Node | None] | None:
+    """An nn.Embedding call, F.embedding(ids, W) or aten.embedding(W, ids) on a parameter."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.Embedding) or not node.args:
+            return None
+        weight, module, x_index, w_arg = f"{node.target}.weight", node.target, 0, None
+        params = {"padding_idx": m.padding_idx, "max_norm": m.max_norm}
+    elif node.op == "call_function" and node.target in (F.embedding, aten.embedding.default):
+        names = ("input", "weight", "padding_idx", "max_norm") if node.target is F.embedding else \
+            ("weight", "input", "padding_idx")
+        call = {**dict(zip(names, node.args)), **node.kwargs}
+        weight = _parameter_name(gm, call.get("weight"))
+        if weight is None or not isinstance(call.get("input"), fx.Node):
+            return None
+        module, x_index, w_arg = None, names.index("input"), call["weight"]
+        padding_idx = call.get("padding_idx")
+        params = {"padding_idx": None if padding_idx in (None, -1) else padding_idx, "max_norm": call.get("max_norm")}
+    else:
+        return None
+    w = gm.get_parameter(weight)
+    if w.dim() != 2:
+        return None
+    if params["padding_idx"] is not None and params["padding_idx"] < 0:
+        params["padding_idx"] += w.shape[0]
+    module, module_type = (module, _owner(model, weight)[1]) if module is not None else _owner(model, weight)
+    return Site(node=node.name, op="embedding", weight=weight, module=module, module_type=module_type,
+                in_features=int(w.shape[0]), out_features=int(w.shape[1]), weight_layout=OUT_IN, has_bias=False,
+                input_arg=x_index, layer=layer_index(weight), params=tuple(params.items())), w_arg
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
 def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]:
-    """Every linear-like site in graph order. `model` (the traced model) gives module class names."""
+    """Every site of every kind (lora_fx.site_kinds) in graph order. `model` (the traced model) gives module class
+    names."""
+    from lora_fx.site_kinds import KINDS  # the registry names the matchers of this module
+
     model = model if model is not None else gm
     sites, weight_args = [], {}  # weight_args: site node -> the node it takes W from (a parameter or a slice of one)
     for node in gm.graph.nodes:
-        site = None
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, nn.Linear) and node.args:
-                w = module.weight
-                _, module_type = _owner(model, f"{node.target}.weight")
-                site = Site(node=node.name, op="linear_module", weight=f"{node.target}.weight",
-                            module=node.target, module_type=module_type, in_features=w.shape[1],
-                            out_features=w.shape[0], weight_layout=OUT_IN, has_bias=module.bias is not None,
-                            input_arg=0, layer=layer_index(node.target))
-        elif node.op in ("call_function", "call_method"):
-            pattern = (FUNCTION_PATTERNS if node.op == "call_function" else METHOD_PATTERNS).get(node.target)
-            if pattern is not None:
-                site = _site(gm, model, node, *pattern)
-                if site is not None:
-                    weight_args[node.name] = node.args[pattern[2]]
-        if site is not None:
-            sites.append(site)
+        for kind in KINDS.values():
+            found = kind.match(gm, model, node)
+            if found is not None:
+                site, weight_arg = found
+                sites.append(site)
+                if weight_arg is not None:
+                    weight_args[node.name] = weight_arg
+                break
     return _with_other_readers(gm, sites, weight_args)
 
 
 def _with_other_readers(gm: fx.GraphModule, sites: list[Site], weight_args: dict[str, fx.Node]) -> list[Site]:
-    """Fill Site.other_readers: nodes that use a site's weight in any way other than as a site's weight
-    argument. A get_attr of the weight feeding another op (torch.export's aten.embedding on the table), or a
-    call of a module that owns it (symbolic tracing's nn.Embedding leaf), would see the folded weight too."""
-    site_nodes = {s.node for s in sites}
-    weights = {s.weight for s in sites}
+    """Fill Site.other_readers: nodes that use a site's weight in any way other than as the weight of a site of the
+    same kind. A get_attr of the weight feeding another op (torch.export's aten.embedding on a table that an output
+    projection also reads), or a call of a module that owns it, would see the folded weight too."""
+    from lora_fx.site_kinds import kind_of
+
+    kind = {s.node: kind_of(s).name for s in sites}
     # the nodes between a parameter and a site's weight argument (split, getitem, slice) belong to that site
     plumbing = set()
     for arg in weight_args.values():
         while isinstance(arg, fx.Node) and arg.op != "get_attr":
             plumbing.add(arg.name)
             arg = arg.args[0] if arg.args else None
-    readers: dict[str, list[str]] = {w: [] for w in weights}
+    readers: dict[str, list[str]] = {s.weight: [] for s in sites}  # every reader of the weight but the plumbing
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target in weights:
+        if node.op == "get_attr" and node.target in readers:
             frontier, seen = [node], set()
             while frontier:
                 n = frontier.pop()
@@ -207,11 +317,14 @@ def _with_other_readers(gm: fx.GraphModule, sites: list[Site], weight_args: dict
                     if u.name in plumbing and u.name not in seen:
                         seen.add(u.name)
                         frontier.append(u)
-                    elif u.name not in site_nodes and u.name not in plumbing:
+                    elif u.name not in plumbing:
                         readers[node.target].append(u.name)
-        elif node.op == "call_module" and node.name not in site_nodes:
-            for w in weights:
+        elif node.op == "call_module":
+            for w in readers:
                 if w.startswith(f"{node.target}."):
                     readers[w].append(node.name)
-    return [dataclasses.replace(s, other_readers=tuple(readers[s.weight])) if readers[s.weight] else s
-            for s in sites]
+    out = []
+    for s in sites:
+        others = tuple(r for r in readers[s.weight] if kind.get(r) != kind[s.node])
+        out.append(dataclasses.replace(s, other_readers=others) if others else s)
+    return out

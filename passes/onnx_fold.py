@@ -282,6 +282,15 @@ def _float_attr(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else attr.as_float()
 
 
+def _branch_owner(node: ir.Node) -> str | None:
+    """For a node of a LoRA branch module's forward (inject puts the branch module innermost in its module stack):
+    the path of the module whose site it adapts ('' for the root); None for any other node."""
+    segments = [seg.split(": ", 1)[0].strip() for seg in node.metadata_props.get(_NAMESPACE_KEY, "").split("/")]
+    if len(segments) >= 3 and re.match(r"lora_fx(_\w+)?\.", segments[-2]):
+        return segments[-3]
+    return None
+
+
 def module_of(node: ir.Node) -> str:
     """The path of the innermost module the torch exporter recorded for a node, or ''.
 
@@ -313,9 +322,26 @@ def lora_leftovers(model: ir.Model) -> dict[str, list[str]]:
     for node in model.graph:
         fx_node = node.metadata_props.get(_FX_NODE_KEY, "")
         named = any(v is not None and v.is_initializer() and v.name and _LORA_PARAM.search(v.name) for v in node.inputs)
-        if named or re.search(r"%p_lora_fx\w*lora_[AB]\b", fx_node):
-            left.setdefault(module_of(node) or node.name or node.op_type, []).append(node.name or node.op_type)
+        owner = _branch_owner(node)
+        if named or owner is not None or re.search(r"%p_lora_fx\w*lora_[AB]\b", fx_node, re.I):
+            site = owner if owner is not None else module_of(node)
+            left.setdefault(site or node.name or node.op_type, []).append(node.name or node.op_type)
     return left
+
+
+def _unfoldable_kind(model: ir.Model, names: list[str]) -> str | None:
+    """The kind of site (lora_fx.site_kinds) whose branch module made these nodes, when the ONNX fold has no pattern
+    for that kind."""
+    from lora_fx.site_kinds import KINDS
+
+    branches = {f"{k.branch.__module__}.{k.branch.__qualname__}": k for k in KINDS.values() if not k.onnx_foldable}
+    for node in model.graph:
+        if node.name in names:
+            segments = node.metadata_props.get(_NAMESPACE_KEY, "").split("/")
+            cls = segments[-2].split(": ", 1)[-1].strip() if len(segments) >= 2 else ""
+            if cls in branches:
+                return branches[cls].name
+    return None
 
 
 _FX_NAME = re.compile(r"(?P<base>[A-Za-z_][A-Za-z0-9_]*?)(?:_(?P<n>\d+))?")
@@ -403,6 +429,8 @@ def fold_lora_branches(model: ir.Model, accumulate_dtype: Any = np.float64,
     rejected_sites = {site.split(" (")[0] for site in list(log.rejected) + log.kept}
     for site, nodes in lora_leftovers(model).items():
         if site not in rejected_sites:
-            rejected.append(f"{site}: LoRA nodes left that no fold pattern matched ({', '.join(nodes[:4])}"
-                            f"{', ...' if len(nodes) > 4 else ''})")
+            kind = _unfoldable_kind(model, nodes)
+            why = (f"the ONNX fold has no pattern for LoRA on {kind} sites: fold in PyTorch (lora_fx.fold), then "
+                   f"export" if kind else "LoRA nodes left that no fold pattern matched")
+            rejected.append(f"{site}: {why} ({', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})")
     return OnnxFoldResult(log.folded, rejected, log.kept)

@@ -1,0 +1,150 @@
+"""Every kind of site (lora_fx.site_kinds) end to end: adapt, identity at init, training moves the output, fold is
+exact, the merged ONNX export is identical to the base's, ONNX Runtime agrees, adapter files round-trip.
+
+Tolerances: fold parity 1e-5 relative to the output's scale (fp32; folding only reorders sums: the conv fold adds
+B∘A to a 3x3 kernel, K = in·9 <= 72 terms per output); ORT parity is lora_fx.check_parity's fp32 default (1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+from lora_fx import Rule
+
+import models_zoo as Z
+
+
+class ConvNet(nn.Module):
+    """Conv1d with padding, Conv2d with stride and dilation, a 1x1 Conv2d, a grouped conv and a depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.pointwise = nn.Conv2d(8, 16, 1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.seq = nn.Conv1d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.pointwise(torch.relu(self.dilated(torch.relu(self.stem(x))))))
+        h = self.depthwise(self.grouped(h)).flatten(2)  # (b, 16, h*w)
+        return self.head(self.seq(h).mean(-1))
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 16, padding_idx=0)
+        self.pos = nn.Embedding(12, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.out(self.tok(ids) + self.pos(positions))
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return ConvNet().eval(), (torch.randn(2, 3, 16, 16),)
+
+
+def embedder():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[0, -2:] = 0  # padding
+    return Embedder().eval(), (ids,)
+
+
+CASES = {
+    "conv": (conv_net, [Rule(name="grouped|depthwise", exclude=True), Rule(op="conv", r=4)], 4),
+    "embedding": (embedder, [Rule(op="embedding", r=4)], 2),
+}
+
+
+def _out(module, args):
+    with torch.no_grad():
+        return module(*args)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kind_end_to_end(tmp_path, case, frontend):
+    build, rules, n_loras = CASES[case]
+    model, args = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = lora_fx.adapt(model, rules, example_inputs=args, frontend=frontend)
+    branches = [l for l in adapted.lora_fx.values() if type(l).__name__ != "LoraLinear"]
+    assert len(branches) == n_loras
+    assert torch.equal(_out(adapted, args), _out(model, args))  # B = 0
+
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+    target = torch.randn_like(_out(model, args))
+    for _ in range(3):
+        loss = nn.functional.mse_loss(adapted(*args), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(l.lora_B.abs().sum() > 0 for l in branches)  # every branch trained
+    y = _out(adapted, args)
+    assert (y - _out(model, args)).abs().max() > 1e-3
+
+    merged = lora_fx.fold(adapted)
+    err, scale = Z.max_err(_out(merged, args), y)
+    assert err <= 1e-5 * scale, err
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model unchanged
+
+    base_path = lora_fx.export_onnx(model, tmp_path / "base.onnx", args)
+    merged_path = lora_fx.export_onnx(merged, tmp_path / "merged.onnx", args)
+    assert lora_fx.verify_onnx(base_path, merged_path).identical
+    assert lora_fx.check_parity(merged_path, merged, args).ok
+
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    again = lora_fx.adapt_from_adapter(copy.deepcopy(model), tmp_path / "adapter", example_inputs=args)
+    assert torch.equal(_out(again, args), y)
+
+
+def test_rules_none_adapts_only_linear_sites_and_plan_says_why():
+    model, args = conv_net()
+    plan = lora_fx.plan(model, example_inputs=args)
+    rows = {r["site"]: r for r in plan.rows()}
+    assert [name for name, r in rows.items() if r["adapted"]] == ["head"]
+    assert "Rule(op='conv')" in rows["stem"]["why"]
+    model, args = embedder()
+    rows = {r["site"]: r for r in lora_fx.plan(model, example_inputs=args).rows()}
+    assert not rows["tok"]["adapted"] and "Rule(op='embedding')" in rows["tok"]["why"]
+    # a rule that does not name convolutions or embeddings does not take them either
+    rows = {r["site"]: r for r in lora_fx.plan(model, [Rule(r=2)], example_inputs=args).rows()}
+    assert [name for name, r in rows.items() if r["adapted"]] == ["out"]
+
+
+def test_grouped_convolutions_are_left_out_with_a_reason():
+    model, args = conv_net()
+    with pytest.warns(UserWarning, match=r"cannot take a LoRA .*grouped.*groups=4"):
+        adapted = lora_fx.adapt(model, [Rule(op="conv", r=2)], example_inputs=args)
+    assert sorted(l.weight_name for l in adapted.lora_fx.values()) == [
+        "dilated.weight", "pointwise.weight", "seq.weight", "stem.weight"]
+    with pytest.raises(lora_fx.RuleError, match="grouped convolution"):
+        lora_fx.adapt(model, [Rule(op="conv", r=2)], example_inputs=args, strict=True)
+
+
+def test_conv_rank_is_capped_by_its_fan_in():
+    """A conv's A sees in·k·k inputs: the 3-channel stem takes r=16 (<= 27), a 1-channel 1x1 conv only r=1."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = lora_fx.adapt(model, [Rule(op="conv", r=16)], example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert {l.weight_name: l.r for l in adapted.lora_fx.values()} == {"0.weight": 16, "1.weight": 1}
+
+
+def test_tied_embedding_is_refused_unless_untied():
+    model, args, kwargs = Z.tied_lm()
+    with pytest.raises(lora_fx.RuleError, match="tied"):
+        lora_fx.adapt(model, [Rule(op="embedding")], example_inputs=args, example_kwargs=kwargs, frontend="fx")
