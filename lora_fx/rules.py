@@ -360,8 +360,11 @@ def _first_match(site: Site, rules: list[Rule], defaults: LoraSettings, piece: t
             refusal = kind_of(site).check(site) if settings is not None else None
             if refusal:
                 return Decision(site, i, None, f"rule {i} matches, but {refusal}", roles=roles, refusal=refusal)
-            return Decision(site, i, settings, f"rule {i} {verb}" + (f" the {role} rows" if role else ""),
-                            (piece,) if piece else (), roles=roles)
+            reason = f"rule {i} {verb}" + (f" the {role} rows" if role else "")
+            if rule.role is not None and site.rows_lost and settings is not None:
+                reason += (f"; the rows of each of {list(site.roles)} could not be followed ({site.rows_lost}), so "
+                           f"the LoRA covers the whole weight")
+            return Decision(site, i, settings, reason, (piece,) if piece else (), roles=roles)
         reasons.append(f"rule {i}: {why_not}")
     return Decision(site, None, None, "; ".join(reasons) or "no rules", (piece,) if piece else ())
 

@@ -34,6 +34,8 @@ class Site:
     # packed weights only (GPT-2's c_attn, MultiheadAttention's in_proj_weight, a fused qkv): per role, the rows of the
     # weight (output features) it computes, as (role, ((start, end), ...)) pairs; filled by the roles pass
     role_rows: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = field(default=())
+    # a site feeding several of q/k/v whose rows could not be followed: why (the roles pass never guesses rows)
+    rows_lost: str = ""
     # nodes that read the weight other than as a linear site's weight (an nn.Embedding sharing its table with an
     # output projection under one name): fold would change what they compute too
     other_readers: tuple[str, ...] = field(default=())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
+from lora_fx.passes import packed_rows as P
 from lora_fx.passes import roles as R
 from lora_fx.passes.match import find_sites
 from lora_fx.passes.trace import trace
@@ -39,7 +40,7 @@ def true_roles(module: str) -> set[str]:
 def detect(gm, model, **packed_options):
     sites = find_sites(gm, model)
     found = R.find_roles(gm, sites)
-    return sites, found, R.find_packed_rows(gm, sites, **packed_options)
+    return sites, found, P.find_packed_rows(gm, sites, **packed_options)
 
 
 def assert_roles_match_truth(sites, found):
@@ -97,7 +98,7 @@ def test_transformers_roles_match_the_true_projections(hf):
         assert len(c_attn) == 2
         for s in c_attn:
             assert packed[s.node] == {Q: ((0, 32),), K: ((32, 64),), V: ((64, 96),)}
-        assert R.find_packed_roles(gm, sites) == {s.node: {Q: (0, 32), K: (32, 64), V: (64, 96)} for s in c_attn}
+        assert P.find_packed_roles(gm, sites) == {s.node: {Q: (0, 32), K: (32, 64), V: (64, 96)} for s in c_attn}
     else:
         assert packed == {}  # separate projections are not packed
 
@@ -225,7 +226,7 @@ def test_hand_written_attention(hand):
         for s in qkv:
             assert packed[s.node] == {role: tuple((h * 24 + o, h * 24 + o + 8) for h in range(4))
                                       for role, o in ((Q, 0), (K, 8), (V, 16))}
-        assert R.find_packed_roles(gm, sites, example_inputs=(X,)) == {}  # not one block per role
+        assert P.find_packed_roles(gm, sites, example_inputs=(X,)) == {}  # not one block per role
     else:
         assert {s.node for s in qkv} == set(packed)
         for s in qkv:
@@ -237,8 +238,23 @@ def test_symbolic_trace_without_shapes_finds_roles_but_no_rows():
     gm = trace(model, frontend="fx").graph_module
     sites = find_sites(gm, model)
     assert_roles_match_truth(sites, R.find_roles(gm, sites))
-    assert R.find_packed_rows(gm, sites) == {}  # no shapes: says nothing rather than guess
-    assert R.find_packed_rows(gm, sites, shapes=R.record_shapes(gm, (X,)))  # shapes from one run
+    lost = P.find_packed_rows(gm, sites)
+    assert lost == {}  # no shapes: says nothing rather than guess
+    assert set(lost.lost) == {s.node for s in sites if s.module.endswith("qkv")} and "no shape" in next(iter(lost.lost.values()))
+    assert P.find_packed_rows(gm, sites, shapes=P.record_shapes(gm, (X,)))  # shapes from one run
+
+
+def test_a_lost_row_map_is_recorded_and_shown_by_plan():
+    """The rows of a fused qkv traced without example inputs cannot be followed: the site says why, and a role rule's
+    plan row says that its LoRA covers the whole weight instead of the q rows."""
+    model = HAND["fused-chunk-eager"]()
+    gm = trace(model, frontend="fx").graph_module
+    qkv = [s for s in R.with_roles(gm, find_sites(gm, model)) if s.module.endswith("qkv")]
+    assert qkv and all(s.role_rows == () and "no shape" in s.rows_lost for s in qkv)
+    plan = lora_fx.plan(model, [lora_fx.Rule(role="attn.q")], frontend="fx")
+    rows = [r for r in plan.rows() if r["site"].endswith("qkv")]
+    assert rows and all(r["adapted"] and "could not be followed (no shape" in r["why"] and "whole weight" in r["why"]
+                        for r in rows)
 
 
 # ------------------------------------------------------------------------------------------------ MultiheadAttention
