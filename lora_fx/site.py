@@ -28,7 +28,7 @@ class Site:
     out_features: int  # out features; out channels; the embedding dim
     weight_layout: str  # OUT_IN or IN_OUT
     has_bias: bool
-    input_arg: int  # which positional argument of the node is the activation x
+    input_arg: int | str  # which argument of the node is the activation x: its position, or its keyword
     layer: int | None = None  # the i in "layers.<i>." (or h.<i>, blocks.<i>, ...), if any
     roles: tuple[str, ...] = field(default=())  # graph roles such as "attn.q", filled by the roles pass
     # packed weights only (GPT-2's c_attn, MultiheadAttention's in_proj_weight, a fused qkv): per role, the rows of the

@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import RuleError
+from lora_fx.passes.match import node_input
 from lora_fx.passes.infra import PassResult, graph_signature, preserve_on_deepcopy
 from lora_fx.rules import Decision, LoraSettings
 from lora_fx.site import Site
@@ -119,7 +120,7 @@ def inject(gm: fx.GraphModule, decisions: list[Decision], state: LoraState, adap
         state.adapters[adapter][key] = weight
         for d in ds:
             base = nodes[d.site.node]
-            x = base.args[d.site.input_arg]
+            x = node_input(base, d.site.input_arg)
             with gm.graph.inserting_after(base):
                 branch = gm.graph.call_module(f"{container_name(adapter)}.{key}", (x,))
             with gm.graph.inserting_after(branch):

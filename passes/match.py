@@ -133,9 +133,27 @@ def _module_call_path(node: fx.Node) -> str | None:
     return re.sub(r"^L\['self'\]\.?", "", path)
 
 
+# the parameter names of the call_function targets, for calls that pass them as keywords (timm's
+# F.linear(x, weight=..., bias=...))
+ARG_NAMES = {"functional_linear": ("input", "weight", "bias"), "matmul": ("input", "other")}
+_ADDMM = (torch.addmm, aten.addmm.default)
+
+
+def node_input(node: fx.Node, index: int | str) -> object:
+    """A call's argument by position, or by keyword when Site.input_arg is a name."""
+    return node.args[index] if isinstance(index, int) else node.kwargs.get(index)
+
+
+def _positional(node: fx.Node, kind: str) -> tuple[tuple, tuple[str, ...]]:
+    """node.args with keyword arguments put in their places (None where missing), and the names used."""
+    names = ("input", "mat1", "mat2") if node.target in _ADDMM else ARG_NAMES.get(kind, ())
+    args = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+    return tuple(args), names
+
+
 def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
-    args = node.args
-    if len(args) <= max(x_idx, w_idx):
+    args, names = _positional(node, kind)
+    if len(args) <= max(x_idx, w_idx) or args[w_idx] is None:
         return None
     found = _weight_rows(gm, args[w_idx])
     if found is None or (found[1] is not None and layout != OUT_IN):  # only output rows of an (out, in) weight
@@ -154,9 +172,10 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
     if kind == "matmul" and module_type == "Conv1D":
         kind = "conv1d"  # GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)
     has_bias = b_idx is not None and len(args) > b_idx and args[b_idx] is not None
+    input_arg = x_idx if x_idx < len(node.args) else names[x_idx]
     return Site(node=node.name, op=kind, weight=weight, module=module, module_type=module_type,
                 in_features=int(in_f), out_features=int(out_f), weight_layout=layout, has_bias=has_bias,
-                input_arg=x_idx, layer=layer_index(weight), weight_rows=rows)
+                input_arg=input_arg, layer=layer_index(weight), weight_rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -175,7 +194,7 @@ def match_linear(gm: fx.GraphModule, model: nn.Module, node: fx.Node) -> tuple[S
         return None
     pattern = (FUNCTION_PATTERNS if node.op == "call_function" else METHOD_PATTERNS).get(node.target)
     site = _site(gm, model, node, *pattern) if pattern is not None else None
-    return (site, node.args[pattern[2]]) if site is not None else None
+    return (site, _positional(node, pattern[0])[0][pattern[2]]) if site is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------- convolutions

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 from torch import fx, nn
 
+from lora_fx.passes.match import node_input
 from lora_fx.site import Site
 
 Q, K, V, OUT, MLP = "attn.q", "attn.k", "attn.v", "attn.out", "mlp"
@@ -312,7 +313,7 @@ def find_attn_out(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> s
         node = a.nodes.get(s.node)
         if node is None or not terminals:
             continue
-        x = node.args[s.input_arg] if len(node.args) > s.input_arg else None
+        x = node_input(node, s.input_arg) if isinstance(s.input_arg, str) or len(node.args) > s.input_arg else None
         if a.sources(x, OUT_TRANSPARENT, terminals):
             found.add(s.node)
     return found
