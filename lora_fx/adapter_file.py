@@ -316,6 +316,9 @@ def read_json(path: Path) -> dict:
         raise AdapterFileError(f"{path.name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                                where=str(path), fix="the file is corrupt or was edited by hand: fix the JSON or "
                                                     "save the adapter again") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path.name} nests lists or objects too deeply to be read", where=str(path),
+                               fix="the file is corrupt or was edited by hand: save the adapter again") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path.name} holds a JSON {type(data).__name__}, not an object", where=str(path),
                                fix="the file is corrupt: save the adapter again")

@@ -26,7 +26,7 @@ from torch import nn
 import lora_fx
 from lora_fx import Rule
 
-from conftest import TinyBlock, TinyMLP
+from conftest import TinyBlock, TinyMLP, deadline
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -602,3 +602,107 @@ def test_50_disk_error_while_moving_the_export_into_place(mlp, tmp_path, monkeyp
         monkeypatch.undo()
         assert files(tmp_path) == on_disk  # the previous file kept, no temp folder left
         assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------ untrusted files
+# Rules files, adapter folders and ONNX files come from other people: bounded time and memory, honest saves.
+# overlapping alternatives under a star: re and the regex package both backtrack exponentially on long names
+SLOW = r"(?:[a-z_.0-9]|[a-z_.0-9])*[A-Z]"
+
+
+class LongNames(nn.Module):
+    """Module names long enough (40 characters) for a backtracking regex to run for years."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection_of_the_input_to_hidden_units = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.projection_of_the_input_to_hidden_units(x)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_51_a_rules_file_regex_that_backtracks_is_refused_in_bounded_time(tmp_path, suffix):
+    path = tmp_path / f"lora{suffix}"
+    path.write_text(f"[[rule]]\nname = {json.dumps(SLOW)}\n" if suffix == ".toml" else
+                    json.dumps({"rules": [{"name": SLOW}]}))
+    from lora_fx.rules_file import load_rules
+
+    rules, _ = load_rules(path)  # a valid regex: what it costs shows only when it meets long names
+    model = LongNames()
+    before = state(model)
+    with deadline(30):
+        expect(lora_fx.RuleError, lambda: lora_fx.plan(model, rules, example_inputs=(torch.randn(2, 8),)),
+               "`name`", "backtracks", str(path), "rule 0")
+    assert_unchanged(model, before)
+
+
+def test_52_the_issue_regex_finishes_in_bounded_time():
+    """(.|.)*Z doubles re's time per character: on these 40-character names `re` would run for days."""
+    model, x = LongNames(), torch.randn(2, 8)
+    with deadline(30):
+        expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, [Rule(name="(.|.)*Z")], example_inputs=(x,)),
+               "no rule matched")
+
+
+@pytest.mark.parametrize("name", ["(?i)q", "(", "a)|(b"])
+def test_53_a_rule_name_that_is_no_regex_as_matched_is_refused_when_made(name):
+    """(?i) inside the group the name is matched in is an re.error at match time: refused when the Rule is made."""
+    expect(lora_fx.RuleError, lambda: Rule(name=name), "`name` is not a valid regex")
+
+
+def test_54_a_huge_layer_span_stays_a_range(tmp_path):
+    import tracemalloc
+
+    from lora_fx.rules_file import dump_rules, load_rules
+
+    path = tmp_path / "r.toml"
+    # a million layers first: expanding it would take ~60 MB, and fails here instead of exhausting the memory below
+    for span in ("0:1000000", "0:10000000000"):
+        path.write_text(f'[[rule]]\nlayers = "{span}"\n')  # 36 bytes for the second
+        tracemalloc.start()
+        try:
+            (rule,), _ = load_rules(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000, f"loading layers = {span!r} took {peak} bytes"
+    assert rule.describe() == "Rule(layers='0:10000000000')" and rule.to_dict() == {"layers": "0:10000000000"}
+    assert hash(rule) == hash(Rule(layers=range(0, 10_000_000_000)))
+    # the span selects by membership: a site in layer 3 is in, one outside any layer (None) is not
+    from lora_fx.rules import _in_layers
+
+    assert _in_layers(3, rule.layers) and _in_layers(9_999_999_999, rule.layers)
+    assert not _in_layers(10_000_000_000, rule.layers) and not _in_layers(None, rule.layers)
+    again, _ = load_rules(dump_rules([rule, Rule(layers=[7, "2:4", 0])], tmp_path / "again.json"))
+    assert again == [rule, Rule(layers=[0, range(2, 4), 7])]
+
+
+def test_55_a_huge_layer_span_selects_layers_in_a_real_plan():
+    from tests.test_rules import SelNet  # three layers
+
+    plan = lora_fx.plan(SelNet(), [Rule(layers="1:1000000", r=2)], example_inputs=(torch.randn(2, 5, 16),),
+                        frontend="fx")
+    layers = {d.site.layer for d in plan.adapted}
+    assert layers == {1, 2}, layers
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".json", '{"rules": [{"name": ' + "[" * 100_000 + "]" * 100_000 + "}]}"),
+    (".toml", "x = " + "[" * 5_000 + "]" * 5_000 + "\n"),
+])
+def test_56_a_deeply_nested_rules_file(tmp_path, suffix, text):
+    from lora_fx.rules_file import load_rules
+
+    path = tmp_path / f"deep{suffix}"
+    path.write_text(text)
+    expect(lora_fx.RuleError, lambda: load_rules(path), "too deeply", str(path))
+
+
+def test_57_a_deeply_nested_adapter_config(adapted, saved, tmp_path):
+    (saved[0] / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    on_disk, before = files(tmp_path), state(adapted)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "too deeply",
+           "adapter_config.json")
+    assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
