@@ -706,3 +706,39 @@ def test_57_a_deeply_nested_adapter_config(adapted, saved, tmp_path):
            "adapter_config.json")
     assert_unchanged(adapted, before)
     assert files(tmp_path) == on_disk
+
+
+@pytest.fixture
+def fp16_overflowing():
+    """A float16 TinyMLP whose fc2 LoRA pushes one weight past float16's 65504 (fc1's LoRA folds fine, and comes
+    first: an in-place fold that wrote as it went would have changed fc1 before finding fc2)."""
+    torch.manual_seed(0)
+    model = TinyMLP().half().eval()
+    adapted = lora_fx.adapt(model, example_inputs=(torch.randn(4, 8).half(),), r=4, alpha=8)
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = 60000.0
+        adapted.lora_fx["fc1"].lora_B.normal_(0, 0.1)
+        adapted.lora_fx["fc2"].lora_A.fill_(1.0)
+        adapted.lora_fx["fc2"].lora_B[0, :] = 1000.0  # delta[0, :] = (8/4) · 4 · 1000 = 8000: 68000 > 65504
+    return model, adapted
+
+
+@pytest.mark.parametrize("call", ["fold", "fold_inplace", "merge"])
+def test_58_fold_refuses_a_weight_that_overflows_its_dtype(fp16_overflowing, call):
+    model, adapted = fp16_overflowing
+    before, before_model = state(adapted), state(model)
+    fn = {"fold": lambda: lora_fx.fold(adapted), "fold_inplace": lambda: lora_fx.fold(adapted, inplace=True),
+          "merge": lambda: lora_fx.merge_adapter(adapted)}[call]
+    expect(lora_fx.FoldError, fn, "fc2.weight", "float16", "NaN or Inf", "nothing was folded")
+    assert_unchanged(adapted, before)
+    assert_unchanged(model, before_model)
+    assert lora_fx.passes.inject.lora_state(adapted).merged == []
+
+
+def test_59_fold_of_a_weight_near_the_limit_that_fits_still_works(fp16_overflowing):
+    model, adapted = fp16_overflowing
+    with torch.no_grad():
+        adapted.lora_fx["fc2"].lora_B[0, :] = 500.0  # 60000 + 4000 = 64000 < 65504
+    merged = lora_fx.fold(adapted)
+    assert torch.isfinite(merged.get_parameter("fc2.weight")).all()
+    assert float(merged.get_parameter("fc2.weight")[0, 0]) == 64000.0
