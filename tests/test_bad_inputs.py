@@ -742,3 +742,140 @@ def test_59_fold_of_a_weight_near_the_limit_that_fits_still_works(fp16_overflowi
     merged = lora_fx.fold(adapted)
     assert torch.isfinite(merged.get_parameter("fc2.weight")).all()
     assert float(merged.get_parameter("fc2.weight")[0, 0]) == 64000.0
+
+
+def _bump(adapted) -> None:
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_A.add_(1.0)  # a new save differs from the files on disk
+
+
+def test_60_save_into_a_symlinked_folder_writes_where_the_link_points(adapted, saved, tmp_path):
+    """The link is followed (documented in save_adapter): the folder it points to gets the new adapter, the link
+    stays a link, and no temporary folder is left beside either."""
+    link = tmp_path / "latest"
+    link.symlink_to(saved[0], target_is_directory=True)
+    _bump(adapted)
+    assert lora_fx.save_adapter(adapted, link) == link
+    assert link.is_symlink() and os.readlink(link) == str(saved[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "latest"]
+    assert sorted(p.name for p in saved[0].iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    on_disk = safetensors.torch.load_file(str(saved[0] / "adapter.safetensors"))
+    assert torch.equal(on_disk["fc1.weight.lora_A"], adapted.lora_fx["fc1"].lora_A.detach())
+
+
+def test_61_save_into_a_link_to_nothing(adapted, tmp_path):
+    (tmp_path / "latest").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    on_disk = files(tmp_path)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, tmp_path / "latest"), "symbolic link",
+           "does not exist", "latest")
+    assert files(tmp_path) == on_disk and (tmp_path / "latest").is_symlink()
+
+
+def test_62_a_save_whose_old_copy_cannot_be_removed_has_succeeded(adapted, saved, tmp_path, monkeypatch):
+    """After the swap the new adapter is in place: a failure to delete the old copy is a warning that names it,
+    never an error claiming that nothing changed."""
+    import shutil
+
+    import lora_fx.adapter_file as af
+
+    real_rmtree = shutil.rmtree
+
+    def stuck(path, ignore_errors=False, **kwargs):
+        if ignore_errors:
+            return real_rmtree(path, ignore_errors=True, **kwargs)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    _bump(adapted)
+    monkeypatch.setattr(af.shutil, "rmtree", stuck)
+    with pytest.warns(UserWarning, match="could not be removed") as warned:
+        lora_fx.save_adapter(adapted, saved[0])
+    monkeypatch.undo()
+    on_disk = safetensors.torch.load_file(str(saved[0] / "adapter.safetensors"))
+    assert torch.equal(on_disk["fc1.weight.lora_A"], adapted.lora_fx["fc1"].lora_A.detach())
+    leftover = [p for p in tmp_path.iterdir() if p.name != "adapter"]
+    assert len(leftover) == 1 and str(leftover[0]) in str(warned[0].message)
+
+
+_UNPRIVILEGED_SAVE = r"""
+import json, os, shutil, sys, tempfile
+import torch
+from torch import nn
+import lora_fx
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+torch.manual_seed(0)
+adapted = lora_fx.adapt(MLP().eval(), example_inputs=(torch.randn(2, 8),), r=2)
+warm = tempfile.mkdtemp()
+lora_fx.save_adapter(adapted, os.path.join(warm, "adapter"))  # loads what a save imports while still root (the
+shutil.rmtree(warm)                                           # interpreter may live where nobody can read)
+root = tempfile.mkdtemp()
+if os.geteuid() == 0:  # permissions bind only an unprivileged user
+    os.chown(root, 65534, 65534)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+def snapshot():
+    out = {}
+    for folder, dirs, names in os.walk(root):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(folder, d), root)] = "<dir>"
+        for n in names:
+            with open(os.path.join(folder, n), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, n), root)] = f.read().hex()
+    return out
+
+results = {}
+for case in ("read-only parent", "read-only folder"):
+    parent = os.path.join(root, case.replace(" ", "_"))
+    target = os.path.join(parent, "adapter")
+    os.mkdir(parent)
+    lora_fx.save_adapter(adapted, target)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_A.add_(1.0)
+    locked = parent if case == "read-only parent" else target
+    os.chmod(locked, 0o555)
+    before = snapshot()
+    try:
+        lora_fx.save_adapter(adapted, target)
+        results[case] = "saved"
+    except lora_fx.AdapterFileError as e:
+        results[case] = str(e)
+    results[case + ": unchanged"] = snapshot() == before
+    os.chmod(locked, 0o755)
+shutil.rmtree(root)
+print(json.dumps(results))
+"""
+
+
+def test_63_a_read_only_parent_or_folder_fails_before_anything_changes():
+    """Real permissions, so as an unprivileged user (root ignores them): a subprocess that drops root to `nobody`
+    once it has loaded what it needs."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TMPDIR": "/tmp"}
+    done = subprocess.run([sys.executable, "-c", _UNPRIVILEGED_SAVE], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for case in ("read-only parent", "read-only folder"):
+        assert "not writable" in results[case] and "nothing was changed" in results[case], results
+        assert "How to fix:" in results[case]
+        assert results[case + ": unchanged"], results
+
+
+def test_64_a_failed_save_removes_the_parent_folders_it_created(adapted, tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.save_adapter(adapted, tmp_path / "runs" / "7" / "adapter"),
+           "saving failed", "No space left")
+    monkeypatch.undo()
+    assert files(tmp_path) == {}
