@@ -520,3 +520,24 @@ def test_a_folded_model_the_checker_refuses_is_not_blamed_on_the_disk(tmp_path):
     assert "ONNX checker" in info.value.what and "NoSuchOp" in info.value.what
     assert "disk" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_square_weights_stored_in_out_fold_with_the_right_transpose(tmp_path):
+    """Square (in, out) weights: a dropped transpose would still fit the shape, only the values show it."""
+    from tests.test_core import SquareInOut
+
+    torch.manual_seed(0)
+    model, x = SquareInOut().eval(), torch.randn(4, 16)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend="fx", r=4, alpha=8)
+    randomize_lora(adapted, 0.3)
+    lora_fx.export_onnx(model, tmp_path / "base.onnx", (x,))
+    lora_fx.export_onnx(adapted, tmp_path / "unmerged.onnx", (x,))
+    report = fold_onnx(tmp_path / "unmerged.onnx", tmp_path / "merged.onnx")
+    assert report.ok and report.folded == 2, str(report)
+    assert lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx").identical
+    with torch.no_grad():
+        expected = adapted(x).numpy()
+        assert np.abs(expected - model(x).numpy()).max() > 0.5
+    got = ort_outputs(tmp_path / "merged.onnx", {ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=[
+        "CPUExecutionProvider"]).get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
