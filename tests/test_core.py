@@ -367,3 +367,20 @@ def test_lora_under_bf16_autocast_matches_fp32():
     assert (mixed.float() - fp32).abs().max().item() <= 0.1
     assert branch.dtype == torch.bfloat16
     assert (branch.float() - branch_fp32).abs().max().item() <= 2e-2 * branch_fp32.abs().max().item()
+
+
+def test_lora_dropout_drops_the_input_features():
+    """Dropout acts on the branch's input x, before A (the paper's dropout(x)·Aᵀ·Bᵀ), with the usual 1/(1-p)."""
+    from lora_fx.lora import LoraLinear
+
+    torch.manual_seed(0)
+    lora = LoraLinear(8, 6, r=2, alpha=4, dropout=0.5).train()
+    nn.init.normal_(lora.lora_B)
+    x = torch.randn(5, 8)
+    torch.manual_seed(3)
+    got = lora(x)
+    torch.manual_seed(3)
+    expected = torch.nn.functional.linear(torch.nn.functional.linear(torch.nn.functional.dropout(x, 0.5, True),
+                                                                      lora.lora_A), lora.lora_B) * lora.scaling
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, lora.eval()(x))  # the mask did something

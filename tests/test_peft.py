@@ -384,3 +384,24 @@ def test_layers_to_transform_is_honoured_and_checked_against_the_tensors(tmp_pat
 def test_tensors_for_modules_the_config_does_not_target_are_refused(tmp_path, changes, words):
     peft_saved(tmp_path, Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q"]))
     refused(Tiny().eval(), edited(tmp_path / "peft", tmp_path, **changes), *words)
+
+
+def test_the_first_matching_pattern_key_wins_as_in_peft(tmp_path):
+    """PEFT takes the first alpha_pattern key that matches a module, in the order of the file it loads (its
+    save_pretrained sorts the keys, so that is not always the order it trained with): both orders, against
+    PeftModel.from_pretrained on the same file."""
+    peft_saved(tmp_path, Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
+                                          alpha_pattern={"q": 2, r"blocks\.1\.q": 32}))
+    for order, expected in (([r"blocks\.1\.q", "q"], [0.5, 8.0]), (["q", r"blocks\.1\.q"], [0.5, 0.5])):
+        values = {"q": 2, r"blocks\.1\.q": 32}
+        folder = edited(tmp_path / "peft", tmp_path / order[0].replace("\\", ""),
+                        alpha_pattern={k: values[k] for k in order})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = PeftModel.from_pretrained(Tiny().eval(), str(folder)).eval()
+        peft_scalings = [pm.base_model.model.blocks[i]["q"].scaling["default"] for i in range(2)]
+        adapted = load_peft_adapter(Tiny().eval(), folder, example_inputs=(X16,))
+        ours = [adapted.lora_fx[k].scaling for k in sorted(adapted.lora_fx)]
+        assert ours == peft_scalings == expected
+        with torch.no_grad():
+            assert torch.allclose(adapted(X16), pm(X16), rtol=0, atol=ATOL)
