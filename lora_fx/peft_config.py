@@ -42,6 +42,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -87,7 +91,8 @@ def check_fields(config: dict, where: str) -> None:
             ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) if field == "rank_pattern" \
                 else (_number(value) and value > 0)
             if not ok:
-                problems.append(f"{field}[{key!r}]={value!r} is not a positive {'integer' if want == 'r' else 'number'}")
+                kind = "integer" if want == "r" else "number"
+                problems.append(f"{field}[{key!r}]={value!r} is not a positive {kind}")
             problems += _syntax(f"{field} key {key!r}", rf"(.*\.)?({key})$")
     for field in ("target_modules", "exclude_modules"):
         value = config.get(field)
@@ -98,8 +103,7 @@ def check_fields(config: dict, where: str) -> None:
         elif value != ALL_LINEAR:
             problems += _syntax(field, value)
     layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
-    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) and not (
-            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+    if layers is not None and not _index(layers) and not (isinstance(layers, list) and all(map(_index, layers))):
         bad("layers_to_transform", "a layer index or a list of them")
     if pattern is not None and not isinstance(pattern, str) and not _strings(pattern):
         bad("layers_pattern", "a string or a list of strings")

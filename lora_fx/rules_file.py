@@ -82,7 +82,7 @@ def load_rules(path: str | os.PathLike) -> tuple[list[Rule], dict[str, Any]]:
 
 def _too_deep(path: Path) -> RuleError:
     return RuleError("the file nests lists or tables too deeply to be read", where=str(path),
-                     fix="a rules file is a list of flat tables: each field holds a string, a number, or a list of them")
+                     fix="a rules file is a list of flat tables; a field holds a string, a number or a list of them")
 
 
 def parse_rules(data: Any, where: str = "rules") -> tuple[list[Rule], dict[str, Any]]:

@@ -85,9 +85,10 @@ def check_folded_finite(gm: fx.GraphModule, weights, keep: bool) -> list[tuple[s
         if not ok:
             w0 = gm.get_parameter(name)
             already = "" if bool(torch.isfinite(w0).all()) else " (W0 itself already holds NaN or Inf)"
+            dtype = str(w0.dtype).removeprefix("torch.")
             raise FoldError(
-                f"the folded weight {name!r} = W0 + scale·B·A holds NaN or Inf in {str(w0.dtype).removeprefix('torch.')}"
-                f"{already}; nothing was folded", where=name,
+                f"the folded weight {name!r} = W0 + scale·B·A holds NaN or Inf in {dtype}{already}; nothing was folded",
+                where=name,
                 fix=f"W0 + delta exceeds the range of {w0.dtype}: fold a float32 or bfloat16 copy of the model (cast "
                     f"it before lora_fx.adapt), or the adapter diverged: lower alpha or reload a good adapter")
     return kept
