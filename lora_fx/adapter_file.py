@@ -16,7 +16,9 @@ get_model_state_dict(full_state_dict=True) is; load_adapter gives each rank its 
 A save is atomic: both files are written into a temporary folder beside the target, flushed to disk, and the folder
 then takes the target's place in one step (an atomic directory exchange on Linux). A save that fails or is killed
 leaves the previous adapter as it was; a failed save removes its temporary folder, and the temporary folder of a
-killed save is removed by the next save into the same parent folder.
+killed save is removed by the next save into the same parent folder. A folder given as a symbolic link is saved
+into the folder the link points to (the link stays); a read-only parent or old folder is refused before anything
+changes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import shutil
 import socket
 import sys
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -234,25 +237,42 @@ def atomic_write_dir(directory: str | os.PathLike, write: Callable[[Path], None]
     """Write a folder atomically: `write(tmp)` fills a temporary folder beside `directory`, which then replaces it.
 
     `owned` are the file names such a folder holds; an existing `directory` holding anything else is refused
-    (replacing it would delete the user's other files)."""
-    target = Path(directory).expanduser().absolute()
+    (replacing it would delete the user's other files). A symbolic link is followed: the folder it points to is
+    replaced and the link stays (a link to nothing is refused). Everything that can be checked is checked before
+    anything changes (a read-only parent or old folder is refused up front), so an error means nothing changed.
+    Once the new folder has taken the old one's place the save has succeeded: a copy of the old folder that cannot
+    be removed then is a warning naming it, not an error."""
+    given = Path(directory).expanduser().absolute()
+    if given.is_symlink() and not given.exists():
+        raise AdapterFileError(f"the adapter path is a symbolic link to {os.readlink(given)!r}, which does not exist",
+                               where=str(given), fix="point the link at an existing folder, or remove the link")
+    target = Path(os.path.realpath(given))  # follows links, in `directory` and its parents
     owned = set(owned)
     if target.exists():
         if not target.is_dir():
-            raise AdapterFileError("the adapter path exists and is not a folder", where=str(target),
+            raise AdapterFileError("the adapter path exists and is not a folder", where=str(given),
                                    fix="give a folder path (it is created) or remove the file")
         others = sorted(p.name for p in target.iterdir() if p.name not in owned)
         if others:
             raise AdapterFileError(
                 f"the folder exists and holds files that are not part of an adapter: {others[:10]}"
                 + (" ..." if len(others) > 10 else ""),
-                where=str(target), fix="save the adapter into its own folder (e.g. a new subfolder); a save "
-                                       "replaces the whole folder so that it is atomic")
+                where=str(given), fix="save the adapter into its own folder (e.g. a new subfolder); a save "
+                                      "replaces the whole folder so that it is atomic")
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise AdapterFileError(f"cannot create the parent folder: {e}", where=str(target.parent),
                                fix="check the path and its permissions") from e
+    # the parent gets the temporary folder; the old folder's files are deleted after the swap
+    for folder in [target.parent] + ([target] if target.exists() else []):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            _remove_empty(created)
+            raise AdapterFileError(f"the folder {str(folder)!r} is not writable, so the adapter cannot be replaced "
+                                   f"there; nothing was changed", where=str(given),
+                                   fix="make it writable (chmod u+w) or save the adapter elsewhere")
     _clean_stale(target)
     tmp = _temp_name(target, _TMP_TAG)
     try:
@@ -261,28 +281,52 @@ def atomic_write_dir(directory: str | os.PathLike, write: Callable[[Path], None]
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)  # tmp now holds the previous adapter
-        else:  # no atomic exchange here: move the old folder aside, put the new one in place, drop the old one
-            old = _temp_name(target, _OLD_TAG)
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(target.parent)
+        previous = _swap_in(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         if isinstance(e, (AdapterFileError, KeyboardInterrupt, SystemExit)):
             raise
         raise AdapterFileError(f"saving failed, the previous content (if any) is unchanged: "
-                               f"{type(e).__name__}: {e}", where=str(target),
+                               f"{type(e).__name__}: {e}", where=str(given),
                                fix="check free disk space and permissions, then save again") from e
-    return target
+    # the new folder is in place: the save has succeeded, whatever happens to the old copy
+    if previous is not None:
+        try:
+            shutil.rmtree(previous)
+        except OSError as e:
+            warnings.warn(f"lora_fx: the adapter was saved to {target}, but the previous content, moved to "
+                          f"{previous}, could not be removed ({e}); delete that folder by hand", stacklevel=3)
+    _fsync_dir(target.parent)
+    return given
+
+
+def _swap_in(tmp: Path, target: Path) -> Path | None:
+    """Put `tmp` in `target`'s place in one step; return where the previous content now is (None: there was none).
+    Raises with the previous content in place."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return None
+    if _exchange(tmp, target):
+        return tmp  # tmp now holds the previous content
+    # no atomic exchange here: move the old folder aside, put the new one in place
+    old = _temp_name(target, _OLD_TAG)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    return old
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the parent folders a failed save created (innermost first), if still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -309,6 +353,9 @@ def read_json(path: Path) -> dict:
         raise AdapterFileError(f"{path.name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                                where=str(path), fix="the file is corrupt or was edited by hand: fix the JSON or "
                                                     "save the adapter again") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path.name} nests lists or objects too deeply to be read", where=str(path),
+                               fix="the file is corrupt or was edited by hand: save the adapter again") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path.name} holds a JSON {type(data).__name__}, not an object", where=str(path),
                                fix="the file is corrupt: save the adapter again")

@@ -69,9 +69,10 @@ def _shape(text: str) -> tuple[int, ...]:
 EPILOG = """\
 MODEL is either
   package.module:function   a function returning a model, or (model, example_inputs[, example_kwargs]);
-                            the current folder is importable (as with python -m)
-  path/to/folder            a transformers config.json folder: the model is built from the config (random
-                            weights, seeded) or loaded from the weights saved there; use_cache=False
+                            the current folder is importable (after the installed packages)
+  path/to/folder            a transformers model folder: loaded from the weights saved there; a folder with
+                            config.json only (or weights that miss tensors) needs --random-weights for export
+                            (plan builds it from the config, seeded); use_cache=False
 
 exit status: 0 success, 1 failure (or, for verify/export, ONNX graphs that differ), 2 bad command line
 
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Exit status 0 only when the two graphs are identical.")
     model_arguments(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (lora_fx or PEFT)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="accept a transformers folder without (all) weights: random, seeded values for those "
+                        "missing (default: an error)")
     p.add_argument("--out", required=True, metavar="merged.onnx", help="where to write the merged model")
     p.add_argument("--base-out", metavar="base.onnx", help="also keep the base model's export here "
                                                            "(default: a temporary file)")
@@ -244,14 +248,18 @@ class LoadedModel:
 
 
 def load_model(spec: str, input_shape: tuple[int, ...] | None = None,
-               input_ids: tuple[int, ...] | None = None) -> LoadedModel:
+               input_ids: tuple[int, ...] | None = None, random_weights: bool = False) -> LoadedModel:
     """The model MODEL names, with example inputs: --input-shape / --input-ids, else the factory's, else (for
-    transformers language models) token ids of shape 2x16."""
+    transformers language models) token ids of shape 2x16.
+
+    random_weights: a transformers folder without weights, or whose weight files miss some of the model's tensors,
+    is built with random (seeded) weights for those; without it that is an error, since exporting such a model
+    silently ships weights nobody trained."""
     import torch
 
     path = pathlib.Path(spec).expanduser()
     if path.exists():
-        loaded = _load_transformers(path)
+        loaded = _load_transformers(path, random_weights)
     elif ":" in spec:
         loaded = _load_factory(spec)
     else:
@@ -291,8 +299,10 @@ def _load_factory(spec: str) -> LoadedModel:
         raise CliError(f"MODEL {spec!r} is not package.module:function", code=EXIT_USAGE,
                        hint="write the module and the function with a colon between, e.g. mypkg.models:make_model")
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:  # as `python -m`: modules in the current folder are found
-        sys.path.insert(0, cwd)
+    if cwd not in sys.path and "" not in sys.path:
+        # the factory's module may live in the current folder; after the installed packages, so that a stray
+        # onnxscript.py or torch.py there never shadows what lora_fx imports
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -350,7 +360,7 @@ def _from_factory_result(spec: str, result: Any) -> LoadedModel:
     raise CliError(f"the factory {spec} returned {type(result).__name__}, not a model", hint=f"return {expected}")
 
 
-def _load_transformers(path: pathlib.Path) -> LoadedModel:
+def _load_transformers(path: pathlib.Path, random_weights: bool = False) -> LoadedModel:
     import torch
 
     folder = path if path.is_dir() else path.parent
@@ -375,15 +385,25 @@ def _load_transformers(path: pathlib.Path) -> LoadedModel:
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     weights = path.is_dir() and any((folder / name).is_file() for name in _HF_WEIGHTS)
+    if not weights and not random_weights:
+        raise CliError(f"{folder} holds no weights ({', '.join(_HF_WEIGHTS[:1] + _HF_WEIGHTS[2:3])}, ...): the model "
+                       f"would be built with random weights", hint="save the trained model there "
+                       "(model.save_pretrained), or pass --random-weights to build it from config.json with random "
+                       "(seeded) weights on purpose")
     torch.manual_seed(0)
     # "Loading weights" bars and load notices of a local folder say nothing here; restored afterwards
     hf_logging = transformers.utils.logging
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    missing = []
     try:
         if weights:
-            model = (cls or transformers.AutoModel).from_pretrained(str(folder), config=config, local_files_only=True)
+            model, info = (cls or transformers.AutoModel).from_pretrained(str(folder), config=config,
+                                                                          local_files_only=True,
+                                                                          output_loading_info=True)
+            missing = sorted(info.get("missing_keys") or []) + sorted(
+                str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
         else:
             model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception as e:
@@ -393,13 +413,18 @@ def _load_transformers(path: pathlib.Path) -> LoadedModel:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    if missing and not random_weights:
+        raise CliError(f"the weight files in {folder} miss {len(missing)} of the model's tensors (e.g. "
+                       f"{', '.join(missing[:3])}): they would be random", hint="save the whole model there "
+                       "(model.save_pretrained), or pass --random-weights to accept random (seeded) values for them")
     model.eval()
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     args = None
     if getattr(model, "main_input_name", "input_ids") == "input_ids" and getattr(config, "vocab_size", None):
         torch.manual_seed(0)
         args = (torch.randint(0, config.vocab_size, (2, 16)),)
-    source = "weights" if weights else "config, random weights"
+    source = ("weights" if not missing else f"weights, {len(missing)} tensor(s) random") if weights else \
+        "config, random weights"
     return LoadedModel(model, args, kwargs, f"{folder} ({type(model).__name__}, from {source})")
 
 
@@ -432,7 +457,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from lora_fx.rules_file import load_rules
 
         rules, defaults = load_rules(args.rules)
-    loaded = load_model(args.model, args.input_shape, args.input_ids)
+    loaded = load_model(args.model, args.input_shape, args.input_ids, random_weights=True)  # a plan reads no weight
     plan = lora_fx.plan(loaded.model, rules, example_inputs=loaded.args, example_kwargs=loaded.kwargs or None,
                         frontend=args.frontend or "auto", **defaults)
     print(plan.to_json() if args.json else plan.table())
@@ -451,7 +476,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "the adapter path is not a folder") + f" (at {adapter})", hint="give the folder lora_fx.save_adapter (or PEFT's "
                                                                 "save_pretrained) wrote")
     out = pathlib.Path(args.out)
-    loaded = load_model(args.model, args.input_shape, args.input_ids)
+    loaded = load_model(args.model, args.input_shape, args.input_ids, random_weights=args.random_weights)
     _need_inputs(loaded, "export")
     _info(f"model: {loaded.description}; example inputs: {_describe_inputs(loaded)}")
     kwargs = loaded.kwargs or None

@@ -7,7 +7,8 @@
 Each branch ``Add(base(x), s·(x·A)·B)`` becomes ``base(x)`` with ``W <- W + s·B·A`` (in W's layout), accumulated in
 fp64 (fp32 on request) and rounded once into W's dtype; the rule and its refusals are in ``lora_fx.passes.onnx_fold``.
 The output file is written atomically (temporary file in the same directory, then a rename): a failed fold never
-leaves a partial file and never clobbers an existing one.
+leaves a partial file and never clobbers an existing one. A model saved with external data is written with external
+data (``<out>.data``; in place, the input's own data file).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def fold_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, *,
     except (ValueError, re.error) as err:
         raise InputError(str(err), where="fold_onnx(accumulate_dtype=..., keep=...)",
                          fix="accumulate_dtype: np.float32 or np.float64; keep: a valid regular expression") from err
-    _save(model, out_path)
+    _save(model, out_path, in_path)
     return FoldOnnxReport(
         folded=len(result.folded),
         rejected=result.rejected,
@@ -105,18 +106,54 @@ def _load(path: pathlib.Path) -> ir.Model:
                          fix="pass an ONNX file written by lora_fx.export_onnx (or torch.onnx.export)") from err
 
 
-def _save(model: ir.Model, path: pathlib.Path) -> None:
-    """Write `model` to `path` atomically, with external data next to it when the weights are too big for one file."""
+def _external_files(model: ir.Model) -> set[pathlib.Path]:
+    """The files the model's initializers are read from (external data), resolved."""
+    return {pathlib.Path(v.const_value.path).resolve() for v in model.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def _data_name(model: ir.Model, in_path: pathlib.Path, path: pathlib.Path) -> str | None:
+    """Where the folded model's weights go: None (inside the .onnx), or the name of its external data file. A model
+    read with external data is written with external data (`<out>.data`, or the input's own file when folding in
+    place), as is one whose weights are too big for one protobuf."""
+    inputs = _external_files(model)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    data_name = path.name + ".data" if size > EXTERNAL_DATA_BYTES else None
+    if not inputs and size <= EXTERNAL_DATA_BYTES:
+        return None
+    in_place = path.resolve() == in_path.resolve()
+    if in_place and len(inputs) == 1:
+        (only,) = inputs
+        if only.parent == path.resolve().parent:
+            return only.name
+    name = path.name + ".data"
+    if not in_place and (path.parent / name).resolve() in inputs:
+        raise ExportError(f"writing the folded model's weights to {name} would overwrite the external data the "
+                          f"input {in_path.name} reads", where=str(path), fix="write the folded model under another "
+                                                                              "name or into another folder")
+    return name
+
+
+def _save(model: ir.Model, path: pathlib.Path, in_path: pathlib.Path) -> None:
+    """Write `model` to `path` atomically, with external data next to it when the input had it or the weights are
+    too big for one file."""
+    data_name = _data_name(model, in_path, path)
     with _temporary_dir(path) as tmp:
         target = tmp / path.name
         try:
             ir.save(model, str(target), external_data=data_name)
+        except OSError as err:
+            raise ExportError(f"writing the folded model failed: {type(err).__name__}: {err}", where=str(path),
+                              fix="check the free disk space and the folder's permissions") from err
+        except Exception as err:
+            raise ExportError(f"serializing the folded model failed: {type(err).__name__}: {err}", where=str(path),
+                              fix="if the input model is valid (onnx.checker.check_model), report this as a lora_fx "
+                                  "bug with the input file") from err
+        try:
             onnx.checker.check_model(str(target))
         except Exception as err:
-            raise ExportError(f"writing the folded model failed: {type(err).__name__}: {err}", where=str(path),
-                              fix="check the free disk space; if the input model is valid, report this as a bug") from err
+            raise ExportError(f"the folded model does not pass the ONNX checker: {type(err).__name__}: {err}",
+                              where=str(path), fix="check the input with onnx.checker.check_model; if it passes, "
+                                                   "report this as a lora_fx bug with the input file") from err
         for extra in sorted(p for p in tmp.iterdir() if p != target):  # external data first, the .onnx last
             os.replace(extra, path.parent / extra.name)
         os.replace(target, path)

@@ -12,8 +12,10 @@ transposed for GPT-2's Conv1D (fan_in_fan_out), s = alpha / r or alpha / sqrt(r)
 
 The LoRA modules come from the tensor names (PEFT saves exactly the modules it adapted), their r from the tensor
 shapes checked against r / rank_pattern, their alpha from lora_alpha / alpha_pattern with PEFT's own matching
-(first key k with re.match(rf"(.*\\.)?({k})$", module name)). Variants that change the math or the base weights
-(DoRA, biases, modules_to_save, PiSSA-style inits, ...) are refused with AdapterFileError, never silently dropped.
+(first key k with re.match(rf"(.*\\.)?({k})$", module name)); each module must be one the config's target_modules /
+exclude_modules / layers_to_transform select (lora_fx.peft_config checks the config itself). Variants that change
+the math or the base weights (DoRA, biases, modules_to_save, PiSSA-style inits, ...) are refused with
+AdapterFileError, never silently dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_fx import peft_config
 from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, lora_modules, read_json,
                                   read_safetensors, sites_by_weight, write_json, write_safetensors)
 from lora_fx.errors import AdapterFileError, RuleError
@@ -63,14 +66,6 @@ _UNSUPPORTED = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga", "orthogonal")
 
 
-def _peft_pattern_key(patterns: dict, name: str) -> str | None:
-    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), else None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str, Any]]]:
     """(config, {module path: {"lora_A": tensor, "lora_B": tensor, "r": int, "alpha": float, "scaling": str,
     "dropout": float}}) of a PEFT LoRA folder; refuses what lora_fx cannot reproduce exactly."""
@@ -97,6 +92,7 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
         raise AdapterFileError("the PEFT adapter uses features lora_fx does not support: " + "; ".join(refused),
                                where=where, fix="train a plain LoRA adapter (use_dora=False, bias='none', no "
                                                 "modules_to_save), or merge it with PEFT's merge_and_unload")
+    peft_config.check_fields(config, where)
     if not (path / PEFT_WEIGHTS).is_file():
         fix = ("this adapter is saved as a pickle (adapter_model.bin), which lora_fx never loads: re-save it with "
                "PeftModel.save_pretrained(dir, safe_serialization=True)") if (path / PEFT_WEIGHTS_BIN).exists() else \
@@ -131,6 +127,10 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     dropout = float(config.get("lora_dropout") or 0.0)
     problems = []
     for module, parts in sorted(modules.items()):
+        why_not = peft_config.not_targeted(config, module, where)
+        if why_not is not None:
+            problems.append(f"{module}: the file holds LoRA weights for it, but PEFT would not adapt it: {why_not}")
+            continue
         if set(parts) != {"lora_A", "lora_B"}:
             problems.append(f"{module}: only {sorted(parts)} present")
             continue
@@ -139,16 +139,13 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
             problems.append(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not (r, in) and "
                             f"(out, r) of one r")
             continue
-        rk = _peft_pattern_key(rank_pattern, module)
+        rk = peft_config.pattern_key(rank_pattern, module, "rank_pattern", where)
         r = rank_pattern[rk] if rk is not None else r0
-        ak = _peft_pattern_key(alpha_pattern, module)
+        ak = peft_config.pattern_key(alpha_pattern, module, "alpha_pattern", where)
         alpha = alpha_pattern[ak] if ak is not None else alpha0
         if r != a.shape[0]:
             problems.append(f"{module}: the config gives r={r} but lora_A has {a.shape[0]} rows")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-            problems.append(f"{module}: lora_alpha={alpha!r} is not a positive number")
-        parts.update(r=int(a.shape[0]), alpha=float(alpha) if isinstance(alpha, (int, float)) else alpha,
-                     scaling=scaling, dropout=dropout)
+        parts.update(r=int(a.shape[0]), alpha=float(alpha), scaling=scaling, dropout=dropout)
     if problems:
         raise AdapterFileError("the PEFT adapter is inconsistent:\n  - " + "\n  - ".join(problems[:20]),
                                where=str(path), fix="the files come from different saves or were edited: save the "

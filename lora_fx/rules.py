@@ -30,6 +30,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
+from lora_fx import patterns
 from lora_fx.errors import RuleError
 from lora_fx.lora import INITS, SCALINGS
 from lora_fx.site import OP_KINDS, Site
@@ -50,24 +51,39 @@ def _as_tuple(value: Any) -> tuple | None:
 _LAYER_SPAN = re.compile(r"^\s*(\d*)\s*:\s*(\d+)\s*(?::\s*([1-9]\d*)\s*)?$")
 
 
-def _layers(value: Any) -> Any:
-    """int, range, list of ints, or a "start:stop[:step]" string (rules files have no range type)."""
-    if isinstance(value, str):
-        m = _LAYER_SPAN.match(value)
-        if m is None:
-            return frozenset([value])  # validate() reports it
-        return frozenset(range(int(m.group(1) or 0), int(m.group(2)), int(m.group(3) or 1)))
-    items = _as_tuple(value)
+def _layers(value: Any) -> tuple:
+    """int, range, list of ints, or a "start:stop[:step]" string (rules files have no range type), as a sorted
+    tuple of ints and ranges. Spans stay ranges: "0:10000000000" is one small object, and `layer in span` is O(1)."""
     out = []
-    for item in items:
-        if isinstance(item, str) and _LAYER_SPAN.match(item):
-            out.extend(_layers(item))
-        else:
-            out.append(item)
+    for item in (value,) if isinstance(value, (str, range)) else _as_tuple(value):
+        m = _LAYER_SPAN.match(item) if isinstance(item, str) else None
+        if m is not None:
+            item = range(int(m.group(1) or 0), int(m.group(2)), int(m.group(3) or 1))
+        out.append(item)
     try:
-        return frozenset(out)
+        return tuple(sorted(dict.fromkeys(out), key=_layer_key))
     except TypeError:
-        return frozenset(map(repr, out))
+        return tuple(out)  # validate() reports the items that are neither ints nor spans
+
+
+def _layer_key(item: Any) -> tuple:
+    return (item.start, item.stop, item.step) if isinstance(item, range) else (item, item + 1, 1)
+
+
+def _in_layers(layer: Any, layers: tuple) -> bool:
+    # only ints are looked up: `x in range(...)` for anything else walks the whole range
+    return _is_int(layer) and any(layer == item if _is_int(item) else layer in item for item in layers)
+
+
+def _span_text(span: range) -> str:
+    return f"{span.start}:{span.stop}" + (f":{span.step}" if span.step != 1 else "")
+
+
+def _layers_shown(layers: tuple) -> Any:
+    """What describe() and to_dict() write: ints as ints, spans as "start:stop[:step]" (which _layers reads back);
+    one item alone, several as a list."""
+    shown = [_span_text(i) if isinstance(i, range) else i for i in layers]
+    return shown[0] if len(shown) == 1 and isinstance(shown[0], str) else shown
 
 
 def _bad(field_name: str, what: str, where: str, fix: str) -> RuleError:
@@ -80,6 +96,11 @@ def _bad(field_name: str, what: str, where: str, fix: str) -> RuleError:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_span(value: Any) -> bool:
+    """A range of layer indices with a positive step, as "start:stop[:step]" can write it back."""
+    return isinstance(value, range) and value.start >= 0 and value.stop >= 0 and value.step > 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,8 @@ class Rule:
                            f"use e.g. {key}='q_proj'")
         if self.name is not None:
             try:
-                re.compile(self.name)
+                patterns.check_syntax(self.name)  # alone: "a)|(b" would escape the group it is matched in
+                patterns.check_syntax(_name_pattern(self.name))  # as matched: "(?i)q" inside the group is an error
             except re.error as e:
                 raise _bad("name", f"`name` is not a valid regex: {e}", where,
                            "escape dots and brackets, or use glob= for shell-style patterns") from None
@@ -138,7 +160,7 @@ class Rule:
             if value is not None and not all(_is_int(v) and v > 0 for v in value):
                 raise _bad(key, f"{key} must be positive integers, got {list(value)!r}", where,
                            f"use e.g. {key}=768 or {key}=[768, 3072]")
-        if self.layers is not None and not all(_is_int(i) for i in self.layers):
+        if self.layers is not None and not all(_is_int(i) or _is_span(i) for i in self.layers):
             raise _bad("layers", f"layers must be ints, got {sorted(map(repr, self.layers))}", where,
                        'use an int, a range, a list of ints or a "start:stop" string')
         if self.role is not None:
@@ -174,7 +196,7 @@ class Rule:
                 and self.glob is None:
             return (f"a {kind.name} site is taken only by a rule that names it (op={kind.ops[0]!r}, module_type=, "
                     f"name= or glob=)")
-        if self.name is not None and not any(_name_matches(self.name, n) for n in names):
+        if self.name is not None and not self._name_holds(names):
             return f"name {site.name!r} does not match {self.name!r}"
         if self.glob is not None and not any(fnmatch.fnmatchcase(n, self.glob) for n in names):
             return f"name {site.name!r} does not match glob {self.glob!r}"
@@ -186,13 +208,22 @@ class Rule:
             return f"in_features {site.in_features} not in {list(self.in_features)}"
         if self.out_features is not None and site.out_features not in self.out_features:
             return f"out_features {site.out_features} not in {list(self.out_features)}"
-        if self.layers is not None and site.layer not in self.layers:
-            return f"layer {site.layer} not in {_sorted(self.layers)}"
+        if self.layers is not None and not _in_layers(site.layer, self.layers):
+            return f"layer {site.layer} not in {_layers_shown(self.layers)}"
         if self.role is not None and role is not None and role not in self.role:
             return f"slice {role} not in roles {list(self.role)}"
         if self.role is not None and role is None and not set(self.role) & set(site.roles):
             return f"roles {list(site.roles) or 'none'} do not include {list(self.role)}"
         return None
+
+    def _name_holds(self, names: tuple) -> bool:
+        try:
+            return any(_name_matches(self.name, n) for n in names)
+        except patterns.SlowPattern as e:  # a runaway regex, typically from someone else's rules file
+            source = getattr(self, "_source", None)
+            raise _bad("name", f"`name` is unusable: {e}",
+                       f"{source}: rule {self.describe()}" if source else f"rule {self.describe()}",
+                       patterns.SLOW_FIX) from None
 
     def matched_roles(self, site: Site) -> tuple[str, ...]:
         """The site's roles this rule selects: all of them without a role selector, else the ones it names.
@@ -210,7 +241,7 @@ class Rule:
             if value is None or (f.name == "exclude" and not value):
                 continue
             if f.name == "layers":
-                value = _sorted(value)
+                value = _layers_shown(value)
             elif f.name == "module_type":
                 value = [getattr(t, "__name__", t) for t in value]
             elif isinstance(value, tuple) and len(value) == 1:
@@ -225,7 +256,7 @@ class Rule:
             if value is None or (key == "exclude" and not value):
                 continue
             if key == "layers":
-                value = _sorted(value)
+                value = _layers_shown(value)
             elif key == "module_type":
                 value = [getattr(t, "__name__", t) for t in self.module_type]
             elif isinstance(value, tuple):
@@ -234,15 +265,13 @@ class Rule:
         return out
 
 
-def _sorted(values: Iterable) -> list:
-    try:
-        return sorted(values)
-    except TypeError:
-        return sorted(values, key=repr)
+def _name_pattern(pattern: str) -> str:
+    """`name` matches the whole name or a whole dotted suffix of it."""
+    return rf"(?:.*\.)?(?:{pattern})"
 
 
 def _name_matches(pattern: str, name: str) -> bool:
-    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
+    return patterns.fullmatch(_name_pattern(pattern), name, shown=pattern)
 
 
 def _type_matches(wanted: Any, type_name: str) -> bool:
@@ -443,10 +472,12 @@ def rule_from_dict(data: dict, where: str = "rule") -> Rule:
         err.field = unknown[0]
         raise err
     try:
-        return Rule(**data)
+        rule = Rule(**data)
     except RuleError as e:
         err = RuleError(e.what, where=f"{where}: {e.where}", fix=e.fix)
         err.field = getattr(e, "field", None)
         raise err from None
     except TypeError as e:
         raise RuleError(f"bad field value: {e}", where=where, fix="check the types of the fields") from None
+    object.__setattr__(rule, "_source", where)  # not a field: errors found when the rule is used name the file
+    return rule

@@ -63,6 +63,8 @@ def load_rules(path: str | os.PathLike) -> tuple[list[Rule], dict[str, Any]]:
 
         try:
             data = tomllib.loads(text)
+        except RecursionError:
+            raise _too_deep(path) from None
         except tomllib.TOMLDecodeError as e:
             raise RuleError(f"not valid TOML: {e}", where=str(path),
                             fix="check the line named above; rules are [[rule]] tables, defaults a [defaults] table"
@@ -70,10 +72,17 @@ def load_rules(path: str | os.PathLike) -> tuple[list[Rule], dict[str, Any]]:
     else:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise _too_deep(path) from None
         except json.JSONDecodeError as e:
             raise RuleError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", where=str(path),
                             fix='write {"defaults": {...}, "rules": [{...}, ...]}') from None
     return parse_rules(data, where=str(path))
+
+
+def _too_deep(path: Path) -> RuleError:
+    return RuleError("the file nests lists or tables too deeply to be read", where=str(path),
+                     fix="a rules file is a list of flat tables; a field holds a string, a number or a list of them")
 
 
 def parse_rules(data: Any, where: str = "rules") -> tuple[list[Rule], dict[str, Any]]:

@@ -1,8 +1,8 @@
 """Fold pass: W0 <- W0 + Σ (alpha/r)·B·A over the enabled LoRAs, then remove every LoRA node and module.
 
 The sum is accumulated in fp32 for 16-bit weights and fp64 for fp32 weights (or as requested) and rounded once
-into W0's dtype. Every new weight is
-computed and checked (finite) before anything is written, so a refused fold changes nothing. The folded graph is
+into W0's dtype. Every A and B, and every new weight (W0 + delta can overflow fp16), is checked finite before
+anything is written, so a refused fold changes nothing. The folded graph is
 checked node for node against the graph adapt traced: fold gives back the original graph or raises.
 
 merge_adapter / unmerge_adapter switch adapters in place on an adapted graph: merging writes W0 + delta into W0
@@ -67,6 +67,33 @@ def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
     return _sums(gm, by_weight, accumulate_dtype)
 
 
+def check_folded_finite(gm: fx.GraphModule, weights, keep: bool) -> list[tuple[str, torch.Tensor]]:
+    """Raise FoldError when a folded weight holds Inf/NaN (W0 + delta overflowed W0's dtype, e.g. fp16's 65504).
+
+    `weights` is folded_weights' iterator; one device sync for all of them. keep=True returns the (name, weight)
+    pairs; keep=False drops each weight once checked (an in-place fold computes them again to write them, rather
+    than hold a second copy of every adapted weight)."""
+    kept, flags = [], []
+    for name, value in weights:
+        flags.append((name, torch.isfinite(value).all()))
+        if keep:
+            kept.append((name, value))
+    if not flags:
+        return kept
+    finite = torch.stack([f.to(flags[0][1].device) for _, f in flags]).cpu()  # the one wait for the device
+    for (name, _), ok in zip(flags, finite.tolist()):
+        if not ok:
+            w0 = gm.get_parameter(name)
+            already = "" if bool(torch.isfinite(w0).all()) else " (W0 itself already holds NaN or Inf)"
+            dtype = str(w0.dtype).removeprefix("torch.")
+            raise FoldError(
+                f"the folded weight {name!r} = W0 + scale·B·A holds NaN or Inf in {dtype}{already}; nothing was folded",
+                where=name,
+                fix=f"W0 + delta exceeds the range of {w0.dtype}: fold a float32 or bfloat16 copy of the model (cast "
+                    f"it before lora_fx.adapt), or the adapter diverged: lower alpha or reload a good adapter")
+    return kept
+
+
 def _sums(gm, by_weight, accumulate_dtype) -> Iterator[tuple[str, torch.Tensor]]:
     with torch.no_grad():
         for weight, loras in by_weight.items():
@@ -110,6 +137,11 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
     if state is None:
         raise _not_adapted(gm)
     new_weights = folded_weights(gm, adapters, accumulate_dtype)  # checks A, B before anything changes
+    if inplace:  # checked in a first pass, written in a second: no weight is written unless all are finite
+        check_folded_finite(gm, new_weights, keep=False)
+        new_weights = folded_weights(gm, adapters, accumulate_dtype)
+    else:  # the new module holds the new weights anyway
+        new_weights = check_folded_finite(gm, new_weights, keep=True)
 
     graph = copy.deepcopy(gm.graph)  # edited and checked before any module changes; its code is generated once
     removed = strip_lora_nodes(graph)
@@ -158,6 +190,7 @@ def merge_adapter(gm: fx.GraphModule, adapter: str, *, keep_original: bool = Tru
         raise FoldError(f"adapter {adapter!r} is disabled", where=type(gm).__name__,
                         fix=f"enable it with lora_fx.set_adapter(adapted, {adapter!r})")
     merged = []
+    check_folded_finite(gm, folded_weights(gm, [adapter], accumulate_dtype), keep=False)  # before any write
     with torch.no_grad():
         for name, value in folded_weights(gm, [adapter], accumulate_dtype):
             merged.append(name)

@@ -75,6 +75,24 @@ def randomize_lora(adapted, scale: float = 0.1, seed: int = 0) -> None:
 
 
 @contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail, rather than hang, when the block runs longer than `seconds` (SIGALRM: Python's re checks for signals
+    while it backtracks, so a regression to unbounded matching fails here instead of never returning)."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
 def gloo_rank(rank: int, world: int, init_file: str):
     """One rank of a multi-process CPU test: joins the gloo group, leaves it whatever happens."""
     import torch.distributed as dist

@@ -252,6 +252,11 @@ def test_rank_and_alpha_mismatch(tmp_path):
     other = adapt(make(), [lora_fx.Rule(name="q|v", r=4, alpha=16)])
     with pytest.raises(AdapterFileError, match=r"alpha=8.0 in the file, alpha=16.0 in the adapted model"):
         load_adapter(other, directory)
+    other = adapt(make(), [lora_fx.Rule(name="q|v", r=4, alpha=8, scaling="rslora")])  # alpha/sqrt(r), not alpha/r
+    before = lora_values(other)
+    with pytest.raises(AdapterFileError, match=r"scaling='standard' in the file, scaling='rslora' in the adapted"):
+        load_adapter(other, directory)
+    assert all(torch.equal(before[k], v) for k, v in lora_values(other).items())
 
 
 def test_missing_and_extra_weights(tmp_path):

@@ -134,3 +134,20 @@ def test_fold_error_is_one_final_rounding(dtype):
         exact = dict(model.named_parameters())[lora.weight_name].double() + lora.delta_weight(torch.float64)
         err = (folded[lora.weight_name].double() - exact).abs()
         assert (err <= eps / 2 * exact.abs() + 1e-30).all(), lora.weight_name
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_added_adapter_takes_the_models_mode(block, mode):
+    """New modules start in training mode: an adapter added to an eval-mode model must not drop out."""
+    model, args = block
+    adapted = lora_fx.adapt(model, rules=[Rule(name="q", r=4)], example_inputs=args)
+    getattr(adapted, mode)()
+    lora_fx.add_adapter(adapted, "second", rules=[Rule(name="v", r=2)], dropout=0.5)
+    training = [m.training for m in adapted.lora_fx_second.modules()]
+    assert training and set(training) == {mode == "train"}
+    if mode == "eval":
+        randomize_lora(adapted, seed=2)
+        with torch.no_grad():
+            for lora in adapted.lora_fx_second.values():
+                lora.lora_B.normal_(0, 0.5)
+            assert torch.equal(adapted(*args), adapted(*args))  # no dropout in eval

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lora_fx
-from lora_fx.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, load_model, main
+from lora_fx.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, load_model, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FACTORY = "tests.test_cli:make_mlp"
@@ -181,12 +181,15 @@ def test_transformers_folder(tmp_path):
     transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                              architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
-    loaded = load_model(str(tmp_path))
+    with pytest.raises(CliError, match="holds no weights") as info:  # random weights only on request
+        load_model(str(tmp_path))
+    assert "--random-weights" in info.value.hint
+    loaded = load_model(str(tmp_path), random_weights=True)
     assert type(loaded.model).__name__ == "LlamaForCausalLM" and not loaded.model.training
     assert loaded.kwargs == {"use_cache": False}
     (ids,) = loaded.args
     assert ids.shape == (2, 16) and ids.dtype == torch.long and int(ids.max()) < 50
-    (ids,) = load_model(str(tmp_path), input_ids=(3, 5)).args
+    (ids,) = load_model(str(tmp_path), input_ids=(3, 5), random_weights=True).args
     assert ids.shape == (3, 5)
 
 
@@ -317,3 +320,99 @@ def test_python_m_lora_fx():
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert [row["site"] for row in json.loads(ok.stdout)["sites"]] == ["fc1", "fc2"]
+
+
+# ------------------------------------------------------------------------------------------------ untrusted input
+class LongNamesMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.projection_of_the_input_to_hidden_units = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.projection_of_the_input_to_hidden_units(x)
+
+
+def make_long_names():
+    torch.manual_seed(0)
+    return LongNamesMLP().eval(), (torch.randn(2, 8),)
+
+
+def test_plan_with_a_rules_file_regex_that_backtracks(capsys, tmp_path):
+    from conftest import deadline
+
+    rules = tmp_path / "lora.toml"
+    rules.write_text('[[rule]]\nname = "(?:[a-z_.0-9]|[a-z_.0-9])*[A-Z]"\n')
+    with deadline(30):
+        code, _, err = run(capsys, "plan", "tests.test_cli:make_long_names", "--rules", rules)
+    assert code == EXIT_FAILED
+    assert_error(err, "`name` is unusable", "backtracks", f"{rules}: rule 0", "hint: simplify the pattern")
+
+
+def _llama_folder(path: pathlib.Path, drop: tuple[str, ...] | None = None) -> pathlib.Path:
+    """A saved tiny Llama; drop: tensors to remove from model.safetensors (() empties it)."""
+    import safetensors.torch
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    if drop is not None:
+        tensors = safetensors.torch.load_file(str(path / "model.safetensors"))
+        kept = {k: v for k, v in tensors.items() if drop and k not in drop}
+        safetensors.torch.save_file(kept, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("drop, words", [
+    ((), ["miss 12 of the model's tensors", "model.embed_tokens.weight"]),
+    (("model.norm.weight",), ["miss 1 of the model's tensors", "model.norm.weight"]),
+])
+def test_export_refuses_missing_weights_unless_asked(capsys, files, tmp_path, drop, words):
+    """A weights file without (all) the tensors used to export random weights and exit 0."""
+    folder = _llama_folder(tmp_path / "model", drop)
+    out_path = tmp_path / "merged.onnx"
+    code, _, err = run(capsys, "export", folder, "--adapter", files / "adapter", "--out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, *words, "hint:", "--random-weights")
+    assert not out_path.exists()
+    loaded = load_model(str(folder), random_weights=True)  # on request: random values for what is missing
+    assert "random" in loaded.description
+
+
+def test_export_refuses_a_config_only_folder_unless_asked(capsys, files, tmp_path):
+    folder = tmp_path / "model"
+    _llama_folder(folder)
+    (folder / "model.safetensors").unlink()
+    code, _, err = run(capsys, "export", folder, "--adapter", files / "adapter", "--out", tmp_path / "m.onnx")
+    assert code == EXIT_FAILED
+    assert_error(err, "holds no weights", "--random-weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_stray_module_in_the_current_folder_does_not_shadow_installed_packages(files, tmp_path):
+    """The current folder is importable for the user's factory only, after the installed packages: an
+    onnxscript.py there is never imported (it was, ahead of the real onnxscript, and broke the export)."""
+    (tmp_path / "onnxscript.py").write_text("raise ImportError('the stray onnxscript.py was imported')\n")
+    (tmp_path / "stray_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class CliMLP(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc2(torch.relu(self.fc1(x)))\n\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return CliMLP().eval(), (torch.randn(4, 8),)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = pathlib.Path(sys.executable).parent / "lora-fx"
+    for argv in ([str(script)], [sys.executable, "-m", "lora_fx"]):
+        if not pathlib.Path(argv[0]).exists():
+            continue
+        done = subprocess.run(argv + ["export", "stray_models:make", "--adapter", str(files / "adapter"), "--out",
+                                      "m.onnx"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        assert "stray onnxscript" not in done.stderr and "ONNX structure: IDENTICAL" in done.stdout
+        (tmp_path / "m.onnx").unlink()

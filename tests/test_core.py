@@ -309,3 +309,78 @@ def test_add_delta_in_place_equals_delta_weight(layout, rows):
     got = lora.add_delta_(base.clone(), alpha=1.0)
     assert (got - expected).abs().max().item() <= 1e-12
     assert (lora.add_delta_(got, alpha=-1.0) - base).abs().max().item() <= 1e-12  # subtracting takes it out again
+
+
+# ------------------------------------------------------------------------------------------------ paths bugs hide in
+class SquareInOut(nn.Module):
+    """Square weights stored (in, out): a fold that forgot to transpose B·A would still fit the shape."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) / 4)  # x @ w
+        self.c_w, self.c_b = nn.Parameter(torch.randn(d, d) / 4), nn.Parameter(torch.randn(d))  # GPT-2 Conv1D's addmm
+
+    def forward(self, x):
+        return torch.addmm(self.c_b, torch.relu(x @ self.w), self.c_w)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_fold_of_square_in_out_weights(frontend, inplace):
+    torch.manual_seed(0)
+    model, x = SquareInOut(), torch.randn(4, 16)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=4, alpha=8)
+    assert {l.weight_layout for l in adapted.lora_fx.values()} == {"in_out"} and len(adapted.lora_fx) == 2
+    randomize_lora(adapted, 0.3)
+    with torch.no_grad():
+        expected, base = adapted(x), model(x)
+        folded = lora_fx.fold(adapted, inplace=inplace)(x)
+    assert (expected - base).abs().max() > 0.5  # the LoRA moves the output
+    assert (folded - expected).abs().max().item() <= 1e-5
+
+
+def test_merge_of_square_in_out_weights():
+    torch.manual_seed(0)
+    model, x = SquareInOut(), torch.randn(4, 16)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend="fx", r=4, alpha=8)
+    randomize_lora(adapted, 0.3)
+    with torch.no_grad():
+        expected = adapted(x)
+        lora_fx.merge_adapter(adapted)
+        assert (adapted(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_lora_under_bf16_autocast_matches_fp32():
+    """Every GPU run takes LoraLinear.forward's autocast path: it must compute what the fp32 path computes (to
+    bf16 precision), the scaling applied once. alpha/r = 2, so a scale applied twice doubles the LoRA term."""
+    torch.manual_seed(0)
+    model, x = TinyBlock(), torch.randn(2, 5, 16)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend="fx", r=4, alpha=8)
+    randomize_lora(adapted, 0.3)
+    with torch.no_grad():
+        fp32, base = adapted(x), model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = adapted(x)
+            branch = adapted.lora_fx["q"](x)
+        branch_fp32 = adapted.lora_fx["q"](x)
+    assert (fp32 - base).abs().max() > 1.0  # a LoRA term well above bf16's error
+    assert (mixed.float() - fp32).abs().max().item() <= 0.1
+    assert branch.dtype == torch.bfloat16
+    assert (branch.float() - branch_fp32).abs().max().item() <= 2e-2 * branch_fp32.abs().max().item()
+
+
+def test_lora_dropout_drops_the_input_features():
+    """Dropout acts on the branch's input x, before A (the paper's dropout(x)·Aᵀ·Bᵀ), with the usual 1/(1-p)."""
+    from lora_fx.lora import LoraLinear
+
+    torch.manual_seed(0)
+    lora = LoraLinear(8, 6, r=2, alpha=4, dropout=0.5).train()
+    nn.init.normal_(lora.lora_B)
+    x = torch.randn(5, 8)
+    torch.manual_seed(3)
+    got = lora(x)
+    torch.manual_seed(3)
+    expected = torch.nn.functional.linear(torch.nn.functional.linear(torch.nn.functional.dropout(x, 0.5, True),
+                                                                      lora.lora_A), lora.lora_B) * lora.scaling
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, lora.eval()(x))  # the mask did something

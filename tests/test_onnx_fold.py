@@ -471,3 +471,73 @@ def test_latency_benchmark_tiny_smoke(tmp_path):
         group["ort"]["timings"]["1x16"])
     assert set(group["eager"]["timings"]["1x16"]) >= {"base", "base_traced", "merged", "unmerged_all_r4"}
     assert group["ort"]["checks"]["max_abs(merged-onnx_folded)"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ external data
+def _external_copy(source, path, location: str) -> None:
+    onnx.save(onnx.load(str(source)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+
+
+def test_a_model_saved_with_external_data_folds_and_keeps_the_layout(exports, tmp_path):
+    """Every model saved with external data used to fail ("Data of TensorProto ... should be stored in ...")."""
+    d, x = exports["dir"], exports["mlp_x"].numpy()
+    _external_copy(d / "mlp_unmerged.onnx", tmp_path / "in.onnx", "in.weights")
+    report = fold_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert report.ok and report.folded == 2, str(report)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.weights", "out.onnx", "out.onnx.data"]
+    out = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    external = {i.name for i in out.graph.initializer if i.data_location == TensorProto.EXTERNAL}
+    assert "fc1.weight" in external  # (onnx_ir keeps tensors of up to 256 bytes inline)
+    assert lora_fx.verify_onnx(d / "mlp_base.onnx", tmp_path / "out.onnx").identical
+    inline = fold_onnx(d / "mlp_unmerged.onnx", tmp_path / "inline.onnx")
+    assert inline.ok
+    expected = ort_outputs(tmp_path / "inline.onnx", {"x": x})[0]
+    np.testing.assert_array_equal(ort_outputs(tmp_path / "out.onnx", {"x": x})[0], expected)
+    # in place: the input's own data file is rewritten, nothing else appears
+    assert fold_onnx(tmp_path / "in.onnx", tmp_path / "in.onnx").ok
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.weights", "inline.onnx", "out.onnx", "out.onnx.data"]
+    np.testing.assert_array_equal(ort_outputs(tmp_path / "in.onnx", {"x": x})[0], expected)
+
+
+def test_folding_onto_the_inputs_own_data_file_is_refused(exports, tmp_path):
+    _external_copy(exports["dir"] / "mlp_unmerged.onnx", tmp_path / "in.onnx", "out.onnx.data")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ExportError, match="would overwrite the external data") as info:
+        fold_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert "How to fix:" in str(info.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_folded_model_the_checker_refuses_is_not_blamed_on_the_disk(tmp_path):
+    """The input's own fault (an op no opset has) is named as what failed: the checker, not free disk space."""
+    model, _ = lora_model()
+    model.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"]))
+    model.graph.output[0].name = "z"
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    with pytest.raises(ExportError) as info:
+        fold_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert "ONNX checker" in info.value.what and "NoSuchOp" in info.value.what
+    assert "disk" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_square_weights_stored_in_out_fold_with_the_right_transpose(tmp_path):
+    """Square (in, out) weights: a dropped transpose would still fit the shape, only the values show it."""
+    from tests.test_core import SquareInOut
+
+    torch.manual_seed(0)
+    model, x = SquareInOut().eval(), torch.randn(4, 16)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend="fx", r=4, alpha=8)
+    randomize_lora(adapted, 0.3)
+    lora_fx.export_onnx(model, tmp_path / "base.onnx", (x,))
+    lora_fx.export_onnx(adapted, tmp_path / "unmerged.onnx", (x,))
+    report = fold_onnx(tmp_path / "unmerged.onnx", tmp_path / "merged.onnx")
+    assert report.ok and report.folded == 2, str(report)
+    assert lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx").identical
+    with torch.no_grad():
+        expected = adapted(x).numpy()
+        assert np.abs(expected - model(x).numpy()).max() > 0.5
+    got = ort_outputs(tmp_path / "merged.onnx", {ort.InferenceSession(str(tmp_path / "merged.onnx"), providers=[
+        "CPUExecutionProvider"]).get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

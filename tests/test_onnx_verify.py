@@ -178,11 +178,17 @@ def test_swapped_operands_are_found_with_equal_histograms():
 
 def test_attribute_opset_and_symbolic_dim_differences():
     base = _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)])
+    assert verify_onnx(base, _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)])).identical
     attr = verify_onnx(base, _model([helper.make_node("Softmax", ["x"], ["y"], axis=0)]))
+    # the structure of the report: not identical, same sizes, a different graph hash, one difference per kind
+    assert attr.identical is False and attr.base.ops == attr.merged.ops == 1
+    assert attr.base.fingerprint != attr.merged.fingerprint and attr.base.edges == attr.merged.edges
     assert any("nodes only in merged: 1 x Softmax|ai.onnx|axis=0" in d for d in attr.differences), str(attr)
     opset = verify_onnx(base, _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], opset=19))
-    assert "opset import 'ai.onnx': base 20 vs merged 19" in opset.differences
+    assert opset.identical is False and opset.base == opset.merged  # same graph, other opset
+    assert opset.differences == ["opset import 'ai.onnx': base 20 vs merged 19"]
     dims = verify_onnx(base, _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], input_dims=(2, 4)))
+    assert dims.identical is False and dims.base.fingerprint != dims.merged.fingerprint
     assert "graph input 0: base FLOAT[b,4] vs merged FLOAT[2,4]" in dims.differences
 
 
@@ -214,5 +220,21 @@ def test_small_integer_initializers_are_compared_by_value():
         return _model([helper.make_node("Reshape", ["x", "target_shape"], ["y"])], inits=[shape])
 
     report = verify_onnx(reshape([2, -1]), reshape([-1, 2]))
+    assert report.identical is False and report.base.initializers == report.merged.initializers == 1
+    assert report.base.fingerprint != report.merged.fingerprint
     assert "initializer 'target_shape': values [2, -1] vs [-1, 2]" in report.differences, str(report)
     assert verify_onnx(reshape([2, -1]), reshape([2, -1])).identical
+
+
+def test_constant_node_values_are_structure():
+    """Two graphs that differ only in a Constant's value (a Reshape target) compute different shapes."""
+    def reshape(target):
+        return _model([helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(
+            np.array(target, np.int64))), helper.make_node("Reshape", ["x", "shape"], ["y"])])
+
+    same = verify_onnx(reshape([2, 8]), reshape([2, 8]))
+    assert same.identical and same.differences == []
+    report = verify_onnx(reshape([2, 8]), reshape([4, 4]))
+    assert report.identical is False and not report
+    assert report.base.ops == report.merged.ops == 2 and report.base.fingerprint != report.merged.fingerprint
+    assert any("Constant" in d and "[4, 4]" in d for d in report.differences), str(report)

@@ -249,3 +249,160 @@ def test_save_peft_refuses_sites_peft_cannot_hold(tmp_path):
     with pytest.raises(AdapterFileError, match="no PEFT equivalent"):
         save_peft_adapter(adapted, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------------------------------------ untrusted PEFT folders
+# An adapter folder comes from someone else: every value lora_fx reads is checked, its regexes match in bounded
+# time, and its tensors must be the modules its config targets.
+SLOW = r"(?:[a-z_.0-9]|[a-z_.0-9])*[A-Z]"  # backtracks exponentially in re and in the regex package
+
+
+class LongNames(torch.nn.Module):
+    """A module name long enough (40 characters) for a backtracking regex to run for years."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.projection_of_the_input_to_hidden_units = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.projection_of_the_input_to_hidden_units(x)))
+
+
+X16 = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_peft(tmp_path_factory):
+    """A PEFT folder of Tiny (LoRA on every q and v), written by PEFT itself."""
+    d = tmp_path_factory.mktemp("tiny_peft")
+    peft_saved(d, Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    return d / "peft"
+
+
+def edited(source, tmp_path, **changes):
+    """A copy of a PEFT folder with its adapter_config.json changed."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def refused(model, folder, *words, example_inputs=(X16,)) -> str:
+    from conftest import deadline
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with deadline(30), pytest.raises(AdapterFileError) as info:
+        load_peft_adapter(model, folder, example_inputs=example_inputs)
+    message = str(info.value)
+    assert "How to fix:" in message and str(folder) in message, message  # the folder, or its adapter_config.json
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    return message
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"])
+def test_a_peft_regex_that_backtracks_is_refused_in_bounded_time(tmp_path, field):
+    peft_saved(tmp_path, LongNames, LoraConfig(r=4, target_modules=["projection_of_the_input_to_hidden_units"]))
+    folder = edited(tmp_path / "peft", tmp_path, **{field: {SLOW: 4} if field.endswith("pattern") else SLOW})
+    refused(LongNames(), folder, field, "backtracks", "adapter_config.json")
+
+
+def test_the_issue_pattern_finishes_and_means_what_it_means_in_peft(tmp_path):
+    """(.|.)*Z doubles re's time per character: on this 40-character name re would run for days. It matches no
+    module, so the file's r applies, as in PEFT."""
+    from conftest import deadline
+
+    peft_saved(tmp_path, LongNames, LoraConfig(r=4, target_modules=["projection_of_the_input_to_hidden_units"]))
+    folder = edited(tmp_path / "peft", tmp_path, rank_pattern={"(.|.)*Z": 2})
+    with deadline(30):
+        adapted = load_peft_adapter(LongNames(), folder, example_inputs=(X16,))
+    assert [l.r for l in adapted.lora_fx.values()] == [4]
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"lora_dropout": "abc"}, ["lora_dropout='abc' is not a number in [0, 1)"]),
+    ({"lora_dropout": -0.1}, ["lora_dropout=-0.1"]),
+    ({"lora_dropout": float("nan")}, ["lora_dropout=nan"]),
+    ({"use_rslora": "false"}, ["use_rslora='false' is not true or false"]),
+    ({"rank_pattern": {"(": 2}}, ["rank_pattern key '('", "not a valid regex"]),
+    ({"rank_pattern": ["q"]}, ["rank_pattern=['q']"]),
+    ({"rank_pattern": {"q": 2.5}}, ["rank_pattern['q']=2.5"]),
+    ({"alpha_pattern": {"q": "8"}}, ["alpha_pattern['q']='8'"]),
+    ({"lora_alpha": float("inf")}, ["lora_alpha=inf"]),
+    ({"r": "4"}, ["r='4' is not a positive integer"]),
+    ({"target_modules": 3}, ["target_modules=3"]),
+    ({"target_modules": "q|("}, ["target_modules is not a valid regex"]),
+    ({"layers_to_transform": "1"}, ["layers_to_transform='1'"]),
+    ({"use_newvariant": True}, ["fields lora_fx does not know", "use_newvariant"]),
+    ({"velora_config": {"rank": 2}}, ["VeLoRA"]),
+    ({"init_lora_weights": "mica"}, ["init_lora_weights='mica'"]),
+])
+def test_malformed_peft_config_values(tiny_peft, tmp_path, changes, words):
+    refused(Tiny().eval(), edited(tiny_peft, tmp_path, **changes), *words)
+
+
+@pytest.mark.parametrize("changes", [{"use_rslora": None, "lora_dropout": None}, {"lora_dropout": 0},
+                                     {"runtime_config": {"ephemeral_gpu_offload": False}}])
+def test_plain_peft_values_still_load(tiny_peft, tmp_path, changes):
+    adapted = load_peft_adapter(Tiny().eval(), edited(tiny_peft, tmp_path, **changes), example_inputs=(X16,))
+    assert len(adapted.lora_fx) == 4
+
+
+def test_layers_to_transform_is_honoured_and_checked_against_the_tensors(tmp_path):
+    """PEFT adapts only the layers its config names. A consistent folder loads as PEFT loads it; a folder whose
+    tensors cover layers its config excludes is refused (loading all of it gave logits off by the extra LoRA)."""
+    one = LoraConfig(r=4, lora_alpha=8, target_modules=["q"], layers_to_transform=[1], layers_pattern="blocks")
+    pm, _ = peft_saved(tmp_path / "one", Tiny, one)
+    adapted = load_peft_adapter(Tiny().eval(), tmp_path / "one" / "peft", example_inputs=(X16,))
+    assert [l.weight_name for l in adapted.lora_fx.values()] == ["blocks.1.q.weight"]
+    with torch.no_grad():
+        assert torch.allclose(adapted(X16), pm(X16), rtol=0, atol=ATOL)
+
+    peft_saved(tmp_path / "all", Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q"]))
+    folder = edited(tmp_path / "all" / "peft", tmp_path, layers_to_transform=[1], layers_pattern="blocks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(Tiny().eval(), str(folder))
+    adapted_by_peft = sorted(n.removesuffix(".lora_A.default.weight").removeprefix("base_model.model.")
+                             for n, _ in peft_model.named_parameters() if n.endswith("lora_A.default.weight"))
+    assert adapted_by_peft == ["blocks.1.q"]  # what PEFT does with this folder
+    refused(Tiny().eval(), folder, "blocks.0.q", "it is in layer 0, and layers_to_transform=[1]")
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": ["v"]}, ["blocks.0.q", "does not name it"]),
+    ({"target_modules": r"blocks\.1\.q"}, ["blocks.0.q", "does not match it"]),
+    ({"exclude_modules": ["blocks.0.q"]}, ["blocks.0.q", "exclude_modules lists it"]),
+    ({"exclude_modules": r".*0\.q"}, ["blocks.0.q", "excludes it"]),
+])
+def test_tensors_for_modules_the_config_does_not_target_are_refused(tmp_path, changes, words):
+    peft_saved(tmp_path, Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q"]))
+    refused(Tiny().eval(), edited(tmp_path / "peft", tmp_path, **changes), *words)
+
+
+def test_the_first_matching_pattern_key_wins_as_in_peft(tmp_path):
+    """PEFT takes the first alpha_pattern key that matches a module, in the order of the file it loads (its
+    save_pretrained sorts the keys, so that is not always the order it trained with): both orders, against
+    PeftModel.from_pretrained on the same file."""
+    peft_saved(tmp_path, Tiny, LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
+                                          alpha_pattern={"q": 2, r"blocks\.1\.q": 32}))
+    for order, expected in (([r"blocks\.1\.q", "q"], [0.5, 8.0]), (["q", r"blocks\.1\.q"], [0.5, 0.5])):
+        values = {"q": 2, r"blocks\.1\.q": 32}
+        folder = edited(tmp_path / "peft", tmp_path / order[0].replace("\\", ""),
+                        alpha_pattern={k: values[k] for k in order})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = PeftModel.from_pretrained(Tiny().eval(), str(folder)).eval()
+        peft_scalings = [pm.base_model.model.blocks[i]["q"].scaling["default"] for i in range(2)]
+        adapted = load_peft_adapter(Tiny().eval(), folder, example_inputs=(X16,))
+        ours = [adapted.lora_fx[k].scaling for k in sorted(adapted.lora_fx)]
+        assert ours == peft_scalings == expected
+        with torch.no_grad():
+            assert torch.allclose(adapted(X16), pm(X16), rtol=0, atol=ATOL)

@@ -341,7 +341,7 @@ def test_rules_file_round_trip(tmp_path, suffix):
 def test_toml_is_written_as_rule_tables(tmp_path):
     text = dumps_toml(EVERY_FIELD[:2], {"r": 4})
     assert text.startswith("[defaults]\nr = 4\n\n[[rule]]\nname = \"lm_head\"\nexclude = true\n")
-    assert tomllib.loads(text)["rule"][1]["layers"] == [0, 1]
+    assert tomllib.loads(text)["rule"][1]["layers"] == "0:2"  # a span stays a span (never expanded)
     data = json.loads(dump_rules(EVERY_FIELD[:1], tmp_path / "r.json").read_text())
     assert data == {"rules": [{"name": "lm_head", "exclude": True}]}
 
