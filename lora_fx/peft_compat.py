@@ -38,14 +38,16 @@ from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_c
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.rollback import unchanged_on_error
+from lora_fx.site_kinds import kind_of
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-# Module classes PEFT's LoRA handles as a plain low-rank update of a 2-D weight.
-PEFT_LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
+# an embedding's LoRA is a pair of bare parameters in PEFT: <module>.lora_embedding_A (r, num_embeddings), _B (dim, r)
+EMBEDDING_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
 
 # Config fields whose non-empty value means something lora_fx cannot reproduce (a different layer or extra weights).
 _UNSUPPORTED = {
@@ -103,17 +105,18 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     modules: dict[str, dict[str, Any]] = {}
     odd, adapters = [], set()
     for key, t in tensors.items():
-        m = KEY.match(key)
+        m = KEY.match(key) or EMBEDDING_KEY.match(key)
         if m is None:
             odd.append(key)
             continue
         adapters.add(m.group("adapter"))
-        modules.setdefault(m.group("module"), {})[m.group("part")] = t
+        part = m.group("part") if m.re is KEY else f"lora_{m.group('part')}"
+        modules.setdefault(m.group("module"), {})[part] = t
     if odd:
         raise AdapterFileError(f"the PEFT adapter holds tensors that are not plain LoRA A/B weights: {sorted(odd)[:10]}"
                                + (" ..." if len(odd) > 10 else ""), where=str(path / PEFT_WEIGHTS),
-                               fix="lora_fx loads plain LoRA on linear layers (no embedding LoRA, DoRA magnitudes, "
-                                   "biases or modules_to_save)")
+                               fix="lora_fx loads plain LoRA on linear, convolution and embedding layers (no DoRA "
+                                   "magnitudes, biases or modules_to_save)")
     if len(adapters) > 1:
         raise AdapterFileError(f"the file mixes several adapters: {sorted(map(str, adapters))}", where=str(path),
                                fix="save each adapter into its own folder with PeftModel.save_pretrained")
@@ -135,9 +138,10 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
             problems.append(f"{module}: only {sorted(parts)} present")
             continue
         a, b = parts["lora_A"], parts["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        conv = a.dim() in (3, 4, 5) and b.dim() == a.dim() and all(k == 1 for k in b.shape[2:])
+        if not (a.dim() == b.dim() == 2 or conv) or a.shape[0] != b.shape[1]:
             problems.append(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not (r, in) and "
-                            f"(out, r) of one r")
+                            f"(out, r) of one r (or a convolution's (r, in, *kernel) and (out, r, *1))")
             continue
         rk = peft_config.pattern_key(rank_pattern, module, "rank_pattern", where)
         r = rank_pattern[rk] if rk is not None else r0
@@ -240,8 +244,9 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
                       task_type: str | None = None, adapter: str = DEFAULT_ADAPTER) -> Path:
     """Write a folder that PEFT loads with PeftModel.from_pretrained(base_model, directory).
 
-    Only LoRA on nn.Linear / GPT-2 Conv1D modules can be written; other sites (F.linear or matmul on a bare parameter)
-    have no PEFT equivalent and are refused. Row slices of a packed weight (LoRA on q and v of a fused qkv) are
+    Only LoRA on the module types PEFT adapts (lora_fx.site_kinds: nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d,
+    nn.Embedding) can be written; other sites (F.linear or matmul on a bare parameter) have no PEFT equivalent and
+    are refused. Row slices of a packed weight (LoRA on q and v of a fused qkv) are
     written as one LoRA of rank sum(r) with the same delta W. rsLoRA weights mixed with standard ones are written
     with an equivalent alpha (alpha·sqrt(r)). The write is atomic like save_adapter's.
     adapter: which named adapter to write (lora_fx.add_adapter); PEFT loads it as its "default"."""
@@ -259,14 +264,19 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         site = sites.get(lora.weight_name)
         module = site.module if site else lora.weight_name.rpartition(".")[0]
         module_type = site.module_type if site else "?"
-        if module_type not in PEFT_LINEAR_TYPES or lora.weight_name != f"{module}.weight":
+        peft_types = kind_of(site).peft_types if site else ()
+        if module_type not in peft_types or lora.weight_name != f"{module}.weight":
             problems.append(f"{lora.weight_name} (a {site.op if site else '?'} site on a {module_type})")
+            continue
+        if tuple(getattr(lora, "dilation", None) or (1,)) not in ((1,), (1,) * len(getattr(lora, "kernel_size", ()))):
+            problems.append(f"{lora.weight_name} (a dilated convolution: PEFT's LoRA conv has no dilation)")
             continue
         by_module.setdefault(module, []).append(lora)
     if problems:
-        raise AdapterFileError("PEFT can only hold LoRA on nn.Linear and Conv1D modules; these LoRA weights have no "
-                               f"PEFT equivalent: {problems}", where=type(gm).__name__,
-                               fix="save with lora_fx.save_adapter instead, or adapt only Linear/Conv1D modules")
+        raise AdapterFileError("PEFT can only hold LoRA on the modules it adapts (Linear, Conv1D, Conv1d/2d, "
+                               f"Embedding); these LoRA weights have no PEFT equivalent: {problems}",
+                               where=type(gm).__name__,
+                               fix="save with lora_fx.save_adapter instead, or adapt only those modules")
     entries = []
     for module, loras in by_module.items():
         if len(loras) == 1 and not getattr(loras[0], "rows", ()):
@@ -316,10 +326,13 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         "layers_pattern": None,
         "revision": None,
     }
+    embeddings = {m for m, loras in by_module.items() if kind_of(sites[loras[0].weight_name]).name == "embedding"}
     tensors = {}
     for e in entries:
-        tensors[f"{PREFIX}{e.module}.lora_A.weight"] = e.A.to("cpu").contiguous().clone()
-        tensors[f"{PREFIX}{e.module}.lora_B.weight"] = e.B.to("cpu").contiguous().clone()
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if e.module in embeddings else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{e.module}.{a_key}"] = e.A.to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{e.module}.{b_key}"] = e.B.to("cpu").contiguous().clone()
 
     def write(tmp: Path) -> None:
         write_safetensors(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"})

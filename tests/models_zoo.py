@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_fx.rules import Rule
+
 BATCH, SEQ = 2, 8  # example input sizes; the dynamic-shape checks use OTHER_BATCH, OTHER_SEQ
 OTHER_BATCH, OTHER_SEQ = 3, 5
 VOCAB, HIDDEN, HEADS, LAYERS = 128, 32, 2, 2
@@ -192,6 +194,10 @@ def timm_resnet18(batch: int = BATCH, seq: int = SEQ):
 
 def timm_resnet18_3cls(batch: int = BATCH, seq: int = SEQ):
     return _timm(lambda timm: timm.create_model("resnet18", pretrained=False, num_classes=3), batch)
+
+
+def timm_efficientnet(batch: int = BATCH, seq: int = SEQ):
+    return _timm(lambda timm: timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), batch)
 
 
 def timm_mixer(batch: int = BATCH, seq: int = SEQ):
@@ -387,6 +393,9 @@ def _hf_entries() -> list[Entry]:
                          "skips it (tied), hence 32 of 33 sites adapted")
             out.append(Entry(f"{fn.__name__}-{attn}", _attn(fn, attn), ("export",), "transformers", lm=lm,
                              slow=slow, dynamic_seq=fn is not vit, fx_fails=True, options=options, notes=notes))
+    out.append(Entry("bert_embeddings-sdpa", _attn(bert, "sdpa"), ("export",), "transformers", fx_fails=True,
+                     options={"rules": [Rule(op="embedding", r=4), Rule(role=["attn.q", "attn.v"])]},
+                     notes="LoRA on the word, position and token-type embeddings (embedding kind) and on q, v"))
     return out
 
 
@@ -399,6 +408,13 @@ ZOO: list[Entry] = [
           notes="convolutions are not linear-like sites: only the classifier (fc) is adapted"),
     Entry("timm-resnet18_3cls", timm_resnet18_3cls, ("fx", "export"), "timm", slow=True, dynamic_seq=False,
           notes="a 3-class head: rules=None caps its r at 3"),
+    Entry("timm-resnet18_convs", timm_resnet18, ("fx", "export"), "timm", slow=True, dynamic_seq=False,
+          options={"rules": [Rule(op="conv", r=4), Rule(name="fc")]},
+          notes="LoRA on every convolution (conv kind) and the classifier"),
+    Entry("timm-efficientnet_b0_convs", timm_efficientnet, ("fx", "export"), "timm", slow=True, dynamic_seq=False,
+          options={"rules": [Rule(op="conv", r=4), Rule(name="classifier")]},
+          notes="depthwise convolutions (groups > 1) are left out with a warning; the pointwise ones and the stem "
+                "take LoRA"),
     Entry("timm-mixer", timm_mixer, ("fx", "export"), "timm", slow=True, dynamic_seq=False),
     Entry("torch-transformer_encoder", transformer_encoder, ("export",), "torch", fx_fails=True),
     Entry("torch-transformer_decoder", transformer_decoder, ("export",), "torch", fx_fails=True,

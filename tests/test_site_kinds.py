@@ -148,3 +148,116 @@ def test_tied_embedding_is_refused_unless_untied():
     model, args, kwargs = Z.tied_lm()
     with pytest.raises(lora_fx.RuleError, match="tied"):
         lora_fx.adapt(model, [Rule(op="embedding")], example_inputs=args, example_kwargs=kwargs, frontend="fx")
+
+
+# ------------------------------------------------------------------------------------------------ PEFT both ways
+class PeftNet(nn.Module):
+    """Conv2d and Conv1d (PEFT's LoRA conv has no dilation), an embedding with padding_idx, and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8, padding_idx=0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, ids, img):
+        h = self.conv(img).flatten(2).mean(-1) + self.emb(ids).mean(1)  # (b, 8)
+        return self.out(self.conv1d(h[:, :, None].expand(-1, -1, 5)).mean(-1))
+
+
+def peft_net():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    return PeftNet().eval(), (torch.randint(0, 30, (2, 6), generator=g), torch.randn(2, 3, 8, 8, generator=g))
+
+
+PEFT_TARGETS = ["emb", "conv", "conv1d", "out"]
+
+
+def test_peft_conv_and_embedding_adapters_load_with_peft_outputs(tmp_path):
+    """A PEFT adapter with LoRA on Conv2d, Conv1d, Embedding and Linear loads into lora_fx with PEFT's outputs;
+    its fold equals PEFT's merge_and_unload. Tolerance 1e-5: both compute the same fp32 ops (measured <= 1e-6)."""
+    peft = pytest.importorskip("peft")
+    model, args = peft_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                       target_modules=PEFT_TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    want = _out(pm.eval(), args)
+    assert (want - _out(model, args)).abs().max() > 0.1  # the adapter matters
+    adapted = lora_fx.load_peft_adapter(copy.deepcopy(model), tmp_path / "peft", example_inputs=args)
+    assert sorted(type(l).__name__ for l in adapted.lora_fx.values()) == [
+        "LoraConv", "LoraConv", "LoraEmbedding", "LoraLinear"]
+    assert torch.allclose(_out(adapted, args), want, atol=1e-5)
+    merged = pm.merge_and_unload()
+    folded = lora_fx.fold(adapted)
+    for name in ("emb.weight", "conv.weight", "conv1d.weight", "out.weight"):
+        assert torch.allclose(folded.get_parameter(name), merged.get_parameter(name), atol=1e-6), name
+
+
+def test_lora_fx_conv_and_embedding_adapters_save_as_peft_folders(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, args = peft_net()
+    adapted = lora_fx.adapt(copy.deepcopy(model), [Rule(name="|".join(PEFT_TARGETS), r=4, alpha=8)],
+                            example_inputs=args)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, 0.5)
+    lora_fx.save_peft_adapter(adapted, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "peft").eval()
+    want = _out(adapted, args)
+    assert (want - _out(model, args)).abs().max() > 0.1
+    assert torch.allclose(_out(pm, args), want, atol=1e-5)
+
+
+def test_dilated_convolutions_are_refused_by_save_peft_adapter(tmp_path):
+    model, args = conv_net()
+    adapted = lora_fx.adapt(model, [Rule(name="dilated", r=2)], example_inputs=args)
+    with pytest.raises(lora_fx.AdapterFileError, match="dilated convolution"):
+        lora_fx.save_peft_adapter(adapted, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("name, targets", [
+    ("timm_resnet18", ["conv1", "conv2", "fc"]),  # every block's convolutions and the classifier
+    ("bert", ["word_embeddings", "position_embeddings", "query", "value"]),
+])
+def test_peft_both_ways_on_real_models(tmp_path, name, targets):
+    """PEFT -> lora_fx (same outputs, same merged weights) and lora_fx -> PEFT (same outputs) on a timm ResNet's
+    convolutions and a transformers BERT's embeddings. Tolerance 1e-4 on outputs: 2 blocks of fp32 ops computed in
+    the same order by both; measured <= 1e-6."""
+    peft = pytest.importorskip("peft")
+    model, args, kwargs = getattr(Z, name)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_B" in pname or "lora_embedding_B" in pname:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    first = lambda out: Z.first_output(out)
+    with torch.no_grad():
+        want, base = first(pm.eval()(*args, **kwargs)), first(model(*args, **kwargs))
+    assert (want - base).abs().max() > 1e-2  # the adapter matters
+    adapted = lora_fx.load_peft_adapter(copy.deepcopy(model), tmp_path / "peft", example_inputs=args,
+                                        example_kwargs=kwargs)
+    with torch.no_grad():
+        assert torch.allclose(first(adapted(*args, **kwargs)), want, atol=1e-4)
+    lora_fx.save_peft_adapter(adapted, tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.allclose(first(again(*args, **kwargs)), want, atol=1e-4)
