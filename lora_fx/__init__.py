@@ -7,10 +7,12 @@
     lora_fx.verify_onnx("base.onnx", "merged.onnx").identical
 """
 
-from lora_fx.api import (active_adapters, adapt, add_adapter, checkpoint_layers, disable_adapters, fold, lora_parameters,
-                         lora_state_dict, merge_adapter, plan, set_adapter, split_layers, unmerge_adapter)
+from lora_fx.adapted import capture_info
+from lora_fx.api import (active_adapters, adapt, add_adapter, checkpoint_layers, disable_adapters, fold, graph,
+                         lora_parameters, lora_state_dict, merge_adapter, plan, set_adapter, split_layers,
+                         trainable_parameters, unmerge_adapter)
 from lora_fx.errors import (AdapterFileError, ExportError, FoldError, InputError, LoraFxError, NoSitesError,
-                            RuleError, TraceError, VerifyError)
+                            NotAdaptedError, RuleError, TraceError, VerifyError)
 from lora_fx.lora import LoraLinear
 from lora_fx.plan import Plan
 from lora_fx.rules import Rule
@@ -45,7 +47,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'lora_fx' has no attribute {name!r}")
 
 
-__all__ = ["adapt", "fold", "add_adapter", "set_adapter", "active_adapters", "disable_adapters", "merge_adapter",
+__all__ = ["adapt", "fold", "graph", "capture_info", "trainable_parameters", "NotAdaptedError", "add_adapter", "set_adapter", "active_adapters", "disable_adapters", "merge_adapter",
            "unmerge_adapter", "lora_parameters", "lora_state_dict", "plan", "Rule", "Site", "Plan", "LoraLinear",
            "export_onnx", "verify_onnx", "check_parity", "ort_session", "run_onnx", "LoraFxError", "InputError",
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",

@@ -44,67 +44,23 @@ import torch
 from torch import nn
 
 from lora_fx.errors import AdapterFileError, RuleError
-from lora_fx.passes.split_layers import LayerView
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.rollback import unchanged_on_error
 from lora_fx.site_kinds import kind_of
+from lora_fx.state import DEFAULT, adapter_container
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "lora_fx.adapter"
 FORMAT_VERSION = 1
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name: used only to recognise a PEFT folder in messages
-_CONTAINER = "lora_fx"  # the default adapter's ModuleDict (lora_fx.passes.inject.CONTAINER); others lora_fx_<name>
-DEFAULT_ADAPTER = "default"
+DEFAULT_ADAPTER = DEFAULT
+FULL_PREFIX = "modules_to_save."  # tensors of the modules trained in full: "modules_to_save.classifier.weight"
 _TMP_TAG = "lora_fx-tmp"
 _OLD_TAG = "lora_fx-old"
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def unwrap(module: Any) -> Any:
-    """The adapted GraphModule inside DistributedDataParallel / torch.compile wrappers or a layer view
-    (lora_fx.split_layers / checkpoint_layers), or `module` itself."""
-    seen = 0
-    while seen < 8:
-        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(module, LayerView):
-            inner = module.adapted
-        if inner is None and type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
-            inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module, seen = inner, seen + 1
-    return module
-
-
-def _container_name(adapter: str) -> str:
-    return _CONTAINER if adapter == DEFAULT_ADAPTER else f"{_CONTAINER}_{adapter}"
-
-
-def lora_modules(adapted: Any, *, what: str = "load an adapter into",
-                 adapter: str = "default") -> tuple[nn.Module, nn.ModuleDict, Any]:
-    """(the GraphModule, the LoRA ModuleDict of `adapter`, its LoraState); AdapterFileError when not adapted."""
-    gm = unwrap(adapted)
-    if not isinstance(gm, nn.Module):
-        raise AdapterFileError(f"expected a module returned by lora_fx.adapt, got {type(adapted).__name__}",
-                               where="adapted", fix="call lora_fx.adapt(model, ...) first")
-    meta = getattr(gm, "meta", None)
-    state = meta.get("lora_fx") if isinstance(meta, dict) else None
-    default = getattr(gm, _CONTAINER, None)
-    if not isinstance(default, nn.ModuleDict) or state is None:
-        raise AdapterFileError(
-            f"cannot {what} this {type(gm).__name__}: it was not adapted by lora_fx (it has no LoRA modules)",
-            where=type(gm).__name__,
-            fix="pass the module that lora_fx.adapt returned, or use lora_fx.adapt_from_adapter(model, directory, "
-                "example_inputs=...) to adapt the plain model with the adapter's own settings")
-    container = getattr(gm, _container_name(adapter), None)
-    names = sorted(getattr(state, "adapters", None) or {})
-    if not isinstance(container, nn.ModuleDict) or len(container) == 0:
-        raise AdapterFileError(f"this {type(gm).__name__} has no adapter named {adapter!r}", where=type(gm).__name__,
-                               fix=f"use one of {names}" if names else "pass the module that lora_fx.adapt returned")
-    return gm, container, state
-
-
 def lora_id(lora: nn.Module) -> str:
     """The name of one LoRA in files: its base weight's name, plus the row ranges for a slice of a packed weight
     ("h.0.attn.c_attn.weight[0:64,128:192]": the q and v rows of GPT-2's fused qkv each get their own LoRA)."""
@@ -404,9 +360,24 @@ def _meaning(lora: nn.Module) -> dict[str, str]:
     return {"lora_A": "(r, in)", "lora_B": "(rows, r)" if getattr(lora, "rows", ()) else "(out, r)"}
 
 
+def modules_in_full(tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The modules whose weights a file holds whole ({"classifier.weight": ...} -> ("classifier",))."""
+    return tuple(dict.fromkeys(name.rpartition(".")[0] for name in tensors))
+
+
+def full_tensors(adapted: nn.Module, state: Any) -> dict[str, torch.Tensor]:
+    """The parameters of the modules trained in full, by their names in the model, for a file."""
+    out = {}
+    for module in getattr(state, "modules_to_save", ()):
+        for name, p in adapted.get_submodule(module).named_parameters():
+            out[f"{module}.{name}"] = p.detach().to("cpu").contiguous().clone()
+    return out
+
+
 def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dict[str, torch.Tensor], *,
                    source: str, strict: bool = True, settings: dict[str, dict] | None = None,
-                   key_of: Callable[[str, str], str] = lambda weight, part: f"{weight}.{part}") -> LoadReport:
+                   key_of: Callable[[str, str], str] = lambda weight, part: f"{weight}.{part}",
+                   full: dict[str, torch.Tensor] | None = None) -> LoadReport:
     """Check `tensors` against the adapted model's LoRA modules, then copy them. Nothing is copied unless all fit.
 
     `key_of(lora id, "lora_A"|"lora_B")` names a LoRA's tensors in `tensors` (lora_id: the weight's name, with row
@@ -452,6 +423,17 @@ def check_and_copy(adapted_gm: nn.Module, container: nn.ModuleDict, tensors: dic
                         isinstance(mine, float) and isinstance(saved[name], (int, float))
                         and math.isclose(saved[name], mine, rel_tol=1e-6)):
                     problems.append(f"{w}: {name}={saved[name]!r} in the file, {name}={mine!r} in the adapted model")
+    for name, t in (full or {}).items():  # weights of the modules trained in full: the adapted model's own copies
+        try:
+            param = adapted_gm.get_parameter(name)
+        except AttributeError:
+            problems.append(f"{name}: the file trains it in full, the model has no such parameter")
+            continue
+        if _shape(t) != _shape(param) or not t.dtype.is_floating_point or not torch.isfinite(t).all():
+            problems.append(f"{name}: a {dtype_name(t.dtype)} tensor of shape {_shape(t)} (finite: "
+                            f"{bool(torch.isfinite(t).all())}) cannot replace the model's {_shape(param)}")
+            continue
+        copies.append((param, t))
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise AdapterFileError(
@@ -520,7 +502,7 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
     torch.distributed.checkpoint's get_model_state_dict(full_state_dict=True): each tensor is gathered whole (a
     collective), rank 0 alone writes the folder, and every rank returns once it is written or raises
     AdapterFileError if rank 0 could not write it."""
-    gm, container, state = lora_modules(adapted, what="save an adapter from", adapter=adapter)
+    gm, container, state = adapter_container(adapted, adapter, what="save an adapter from")
     weights = _weight_settings(container, state)
     dtensor = dtensor_type()
     sharded = dtensor is not None and any(isinstance(p, dtensor) for lora in container.values()
@@ -538,6 +520,8 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
                                        fix="training diverged: lower the learning rate, use gradient clipping, or "
                                            "reload a good adapter")
             tensors[f"{lora_id(lora)}.{part}"] = t
+    full = {FULL_PREFIX + name: t for name, t in full_tensors(gm, state).items()} if adapter == DEFAULT else {}
+    tensors.update(full)
     rules, defaults = getattr(state, "rules", None), getattr(state, "defaults", None)
     # per adapter ({name: rules}) where the state keeps them so; a plain value belongs to the default adapter
     rules = rules.get(adapter) if isinstance(rules, dict) else (rules if adapter == DEFAULT_ADAPTER else None)
@@ -551,6 +535,7 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
         "frontend": getattr(state, "frontend", None),
         "adapter": adapter,
         "weights": weights,
+        "modules_to_save": list(state.modules_to_save) if full else [],
         "rules": None if rules is None else [r.to_dict() for r in rules],
         "defaults": None if defaults is None else _jsonable(defaults),
         "parameters": sum(t.numel() for t in tensors.values()),
@@ -632,7 +617,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
                                fix="the file is corrupt or was edited by hand: save the adapter again")
 
     tensors = read_safetensors(path / WEIGHTS_FILE)
+    saved = config.get("modules_to_save") or []
+    if not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise AdapterFileError(f"modules_to_save={saved!r} is not a list of module names", where=where,
+                               fix="the file is corrupt or was edited by hand: save the adapter again")
     listed = {f"{w}.{p}" for w in weights for p in ("lora_A", "lora_B")}
+    listed |= {k for k in tensors if k.startswith(FULL_PREFIX) and k[len(FULL_PREFIX):].rpartition(".")[0] in saved}
     problems = []
     if set(tensors) - listed:
         problems.append(f"tensors not listed in {CONFIG_FILE}: {sorted(set(tensors) - listed)}")
@@ -667,14 +657,26 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
     AdapterFileError lists everything that does not fit. strict=False loads the weights both have and reports the
     rest in the returned LoadReport (shapes and settings must still fit). Tensors are cast to the LoRA's dtype.
     adapter: which named adapter of `adapted` receives the weights."""
-    gm, container, state = lora_modules(adapted, adapter=adapter)
+    gm, container, state = adapter_container(adapted, adapter, what="load an adapter into")
     if adapter in (getattr(state, "merged", None) or []):
         raise AdapterFileError(f"adapter {adapter!r} is merged into the base weights: loading new A/B now would "
                                f"leave the merged W0 stale", where=str(directory),
                                fix="call lora_fx.unmerge_adapter(adapted) first, then load")
     config, tensors = read_adapter(directory)
-    return check_and_copy(gm, container, tensors, source=str(Path(directory)), strict=strict,
-                          settings=config["weights"])
+    lora, full = _split_full(tensors)
+    missing = sorted(set(modules_in_full(full)) - set(getattr(state, "modules_to_save", ())))
+    if missing:
+        raise AdapterFileError(f"the adapter trains {missing} in full, and this adapted model does not",
+                               where=str(directory), fix=f"adapt the model with modules_to_save={missing}, or use "
+                                                         f"lora_fx.adapt_from_adapter, which does")
+    return check_and_copy(gm, container, lora, source=str(Path(directory)), strict=strict,
+                          settings=config["weights"], full=full)
+
+
+def _split_full(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(the LoRA tensors, {parameter name: tensor} of the modules trained in full)."""
+    full = {k[len(FULL_PREFIX):]: t for k, t in tensors.items() if k.startswith(FULL_PREFIX)}
+    return {k: t for k, t in tensors.items() if not k.startswith(FULL_PREFIX)}, full
 
 
 def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
@@ -718,21 +720,24 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                        **trace_options: Any):
     """Adapt `model` exactly as the saved adapter says (the same weights, r, alpha, scaling, dropout) and load it.
 
-    frontend=None uses the front end the adapter was saved from. Returns the adapted GraphModule."""
+    frontend=None uses the front end the adapter was saved from; modules the adapter trains in full are trained in
+    full here too, with the saved weights. Returns the adapted model (lora_fx.adapt's kind)."""
     from lora_fx.api import adapt_model
 
     config, tensors = read_adapter(directory)
+    tensors, full = _split_full(tensors)
     weights = config["weights"]
     frontend = frontend or config.get("frontend") or "auto"
     with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
         try:
             adapted = adapt_model(model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
-                                  example_kwargs=example_kwargs, frontend=frontend, fit_rank=False, **trace_options)
+                                  example_kwargs=example_kwargs, frontend=frontend, fit_rank=False,
+                                  modules_to_save=modules_in_full(full), **trace_options)
         except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
             raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
                                    where=f"{directory}" + (f" ({e.where})" if e.where else ""),
                                    fix="use the model (same architecture and widths) the adapter was trained on") from e
-        gm, container, _ = lora_modules(adapted)
+        gm, container, _ = adapter_container(adapted)
         found = {lora_id(lora) for lora in container.values()}
         not_found = [w for w in weights if w not in found]
         if strict and not_found:
@@ -740,5 +745,5 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                                    f"{not_found}",
                                    where=str(directory),
                                    fix="use the model the adapter was trained on, or strict=False to skip them")
-        check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights)
+        check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights, full=full)
         return adapted

@@ -22,6 +22,10 @@ class InputError(LoraFxError):
     """The model, example inputs or an argument are not what the call needs."""
 
 
+class NotAdaptedError(InputError):
+    """A call that needs a model lora_fx adapted (or an adapter it has) got something else."""
+
+
 class TraceError(LoraFxError):
     """No front end could turn the model into an FX graph."""
 

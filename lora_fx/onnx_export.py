@@ -69,9 +69,7 @@ def export_onnx(
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
 
-    # the causal-attention rewrite is for training: an unmerged export keeps the base's attention, so it differs
-    # from the base export only by the LoRA branches (which fold_onnx removes)
-    model = with_masked_attention(model)
+    model = _exportable(model, example_inputs, example_kwargs)
     with _output_dir(path) as tmp_dir:
         with eval_mode(model):
             outputs = output_names(_check_inputs_fit(model, example_inputs, example_kwargs))
@@ -90,6 +88,22 @@ def export_onnx(
                               fix="check free disk space and permissions of the output directory, then export again"
                               ) from err
     return path
+
+
+def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """What to hand the exporter. An adapted model (unmerged) is exported through its graph for this call, with the
+    original call's signature (lora_fx.adapted.graph_call); the causal-attention rewrite is for training, so the
+    graph's masked attention comes back: the unmerged export differs from the base export only by the LoRA
+    branches, which fold_onnx removes."""
+    from lora_fx.adapted import Entry, graph_call, is_adapted
+
+    if not is_adapted(model):
+        return with_masked_attention(model)
+    from lora_fx.api import _entry
+
+    with eval_mode(model):
+        entry = _entry(model, args, kwargs)
+    return graph_call(Entry(with_masked_attention(entry.graph), entry.spec), model)
 
 
 @contextlib.contextmanager

@@ -33,12 +33,14 @@ import torch
 from torch import nn
 
 from lora_fx import peft_config
-from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, lora_modules, read_json,
+from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, full_tensors, modules_in_full,
+                                  read_json,
                                   read_safetensors, sites_by_weight, write_json, write_safetensors)
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.rollback import unchanged_on_error
 from lora_fx.site_kinds import kind_of
+from lora_fx.state import adapter_container
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -55,7 +57,6 @@ _UNSUPPORTED = {
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable token embeddings",
     "target_parameters": "LoRA on bare parameters (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -103,9 +104,17 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     tensors = read_safetensors(path / PEFT_WEIGHTS)
 
     modules: dict[str, dict[str, Any]] = {}
-    odd, adapters = [], set()
+    odd, adapters, full = [], set(), {}
+    saved = config.get("modules_to_save") or []
+    if not (isinstance(saved, list) and all(isinstance(name, str) and name for name in saved)):
+        raise AdapterFileError(f"modules_to_save={saved!r} is not a list of module names", where=where,
+                               fix="save the adapter again with PeftModel.save_pretrained")
     for key, t in tensors.items():
         m = KEY.match(key) or EMBEDDING_KEY.match(key)
+        name = key.removeprefix(PREFIX)
+        if m is None and _trained_in_full(name, saved):  # a module PEFT trains in full: its own weights
+            full[name] = t
+            continue
         if m is None:
             odd.append(key)
             continue
@@ -154,7 +163,15 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
         raise AdapterFileError("the PEFT adapter is inconsistent:\n  - " + "\n  - ".join(problems[:20]),
                                where=str(path), fix="the files come from different saves or were edited: save the "
                                                     "adapter again with PeftModel.save_pretrained")
+    config["lora_fx_modules_to_save"] = full  # {"classifier.weight": tensor, ...}: the modules trained in full
     return config, modules
+
+
+def _trained_in_full(name: str, saved: list[str]) -> bool:
+    """Whether tensor `name` ("classifier.weight") belongs to a module PEFT's modules_to_save names (an entry
+    matches a module path equal to it or ending with "." + it, as PEFT matches them)."""
+    module = name.rpartition(".")[0]
+    return any(module == entry or module.endswith("." + entry) for entry in saved)
 
 
 def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_inputs: tuple | None = None,
@@ -167,6 +184,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
     from lora_fx.rules import Rule
 
     config, modules = read_peft_adapter(peft_dir)
+    full = config.pop("lora_fx_modules_to_save")
     rules = []
     for module, s in modules.items():
         kwargs = {"r": s["r"], "alpha": s["alpha"], "scaling": s["scaling"]}
@@ -176,14 +194,15 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
     with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
         try:
             adapted = adapt_model(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                                  frontend=frontend, fit_rank=False, **trace_options)
+                                  frontend=frontend, fit_rank=False, modules_to_save=modules_in_full(full),
+                                  **trace_options)
         except RuleError as e:
             raise AdapterFileError(f"the PEFT adapter does not fit this {type(model).__name__}: {e.what}",
                                    where=str(peft_dir) + (f" ({e.where})" if e.where else ""),
                                    fix="load it onto the model it was trained on "
                                        f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
                                    ) from e
-        gm, container, state = lora_modules(adapted)
+        gm, container, state = adapter_container(adapted)
         module_of = {w: site.module for w, site in sites_by_weight(state).items()}
         by_module: dict[str, list[str]] = {}
         for lora in container.values():
@@ -200,7 +219,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
                 fix="load it onto the model it was trained on; transformers models need frontend='export'")
         tensors = {f"{m}.{p}": s[p] for m, s in modules.items() for p in ("lora_A", "lora_B")}
         check_and_copy(gm, container, tensors, source=str(peft_dir), strict=True,
-                       key_of=lambda weight, part: f"{module_of[weight]}.{part}")
+                       key_of=lambda weight, part: f"{module_of[weight]}.{part}", full=full)
         return adapted
 
 
@@ -250,7 +269,7 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
     written as one LoRA of rank sum(r) with the same delta W. rsLoRA weights mixed with standard ones are written
     with an equivalent alpha (alpha·sqrt(r)). The write is atomic like save_adapter's.
     adapter: which named adapter to write (lora_fx.add_adapter); PEFT loads it as its "default"."""
-    gm, container, state = lora_modules(adapted, what="save a PEFT adapter from", adapter=adapter)
+    gm, container, state = adapter_container(adapted, adapter, what="save a PEFT adapter from")
     dtensor = dtensor_type()
     if dtensor is not None and any(isinstance(p, dtensor) for p in container.parameters()):
         raise AdapterFileError("the LoRA weights are sharded DTensors (FSDP2 fully_shard); save_peft_adapter does not "
@@ -320,7 +339,7 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         "lora_dropout": max(e.dropout for e in entries),  # PEFT has one dropout; only matters for training
         "bias": "none",
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": list(state.modules_to_save) or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -333,6 +352,8 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{e.module}.{a_key}"] = e.A.to("cpu").contiguous().clone()
         tensors[f"{PREFIX}{e.module}.{b_key}"] = e.B.to("cpu").contiguous().clone()
+
+    tensors.update({f"{PREFIX}{name}": t for name, t in full_tensors(gm, state).items()})
 
     def write(tmp: Path) -> None:
         write_safetensors(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"})

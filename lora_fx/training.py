@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lora_fx.adapter_file import lora_modules, unwrap
+from lora_fx.state import adapted_state
 from lora_fx.errors import InputError, LoraFxError
 from lora_fx.site_kinds import BRANCHES, kind_of
 
@@ -33,7 +33,7 @@ def _lora_params(model: nn.Module) -> list[nn.Parameter]:
     """A and B of every enabled adapter (lora_fx.lora_parameters), without duplicates."""
     from lora_fx.api import lora_parameters
 
-    gm, _, _ = lora_modules(model, what="train")
+    gm, _ = adapted_state(model, what="train")
     seen, out = set(), []
     for p in lora_parameters(gm):
         if p.requires_grad and id(p) not in seen:
@@ -95,10 +95,12 @@ def prepare_mixed_precision(adapted: nn.Module, base_dtype: torch.dtype = torch.
                          fix="use torch.bfloat16 or torch.float16")
     if cast not in CAST_CHOICES:
         raise InputError(f"unknown cast={cast!r}", where="cast", fix=f"use one of {list(CAST_CHOICES)}")
-    gm = unwrap(adapted)
-    _, _, state = lora_modules(gm, what="prepare mixed precision for")
-    lora_ids = {id(p) for m in gm.modules() if isinstance(m, BRANCHES) for p in m.parameters()}
-    linear_ids = _linear_only_weights(gm, state) if cast == "linear" else set()
+    owner, state = adapted_state(adapted, what="prepare mixed precision for")
+    from lora_fx.api import graph
+
+    gm = graph(owner)
+    lora_ids = {id(p) for m in owner.modules() if isinstance(m, BRANCHES) for p in m.parameters()}
+    linear_ids = _linear_only_weights(gm, gm.meta["lora_fx"]) if cast == "linear" else set()
 
     def wanted(p: nn.Parameter) -> bool:
         if not p.is_floating_point() or p.dtype == base_dtype:
@@ -106,7 +108,7 @@ def prepare_mixed_precision(adapted: nn.Module, base_dtype: torch.dtype = torch.
         return id(p) in linear_ids if cast == "linear" else (cast == "all" or p.dim() >= 2)
 
     with torch.no_grad():
-        for module in gm.modules():
+        for module in owner.modules():
             for name, p in list(module._parameters.items()):
                 if p is None:
                     continue
@@ -119,6 +121,10 @@ def prepare_mixed_precision(adapted: nn.Module, base_dtype: torch.dtype = torch.
                 for name, b in list(module._buffers.items()):
                     if b is not None and b.is_floating_point():
                         module._buffers[name] = b.to(base_dtype)
+    if cast != "linear" or cast_buffers:  # graphs that pin other tensors' dtypes are captured again
+        calls = owner.__dict__.get("_lora_fx_calls")
+        if calls is not None:
+            calls.clear()
     return adapted
 
 

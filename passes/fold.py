@@ -16,13 +16,13 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from lora_fx.errors import FoldError
 from lora_fx.passes.infra import PassResult, clone_graph_module, first_difference, graph_signature, \
-    set_parameter_copy_on_write
+    set_parameter_copy_on_write, shallow_clone
 from lora_fx.passes.causal_attention import restore_attention
-from lora_fx.passes.inject import ADD, BRANCH, container_name, lora_state
+from lora_fx.state import ADD, BRANCH, container_name, find_state
 
 
 def _check_finite(chosen: list) -> None:
@@ -57,7 +57,7 @@ def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
 
     Checks every A and B for NaN/Inf first (raising before anything is computed), then yields one weight at a
     time, so only one weight's high-precision sum is alive at once."""
-    state = lora_state(gm)
+    state = find_state(gm)
     chosen = [(name, key, lora) for name, container in state.containers(gm).items()
               if adapters is None or name in adapters for key, lora in container.items() if lora.enabled]
     _check_finite(chosen)
@@ -127,13 +127,60 @@ def _not_adapted(gm) -> FoldError:
                      where=type(gm).__name__, fix="pass the module that lora_fx.adapt returned")
 
 
+def _folded_graph(gm: fx.GraphModule) -> tuple[fx.Graph, int, int]:
+    """A copy of gm's graph without its LoRA nodes and with its masked attention back, checked equal node for node
+    to the graph adapt traced: fold gives back the original graph or raises."""
+    graph = copy.deepcopy(gm.graph)
+    removed = strip_lora_nodes(graph)
+    restored = restore_attention(graph)  # SDPA calls adapt switched to is_causal get their mask back
+    difference = first_difference(find_state(gm).original_graph, graph_signature(graph))
+    if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
+        raise FoldError(f"the folded graph differs from the traced original: {difference}",
+                        where=type(gm).__name__, fix="please report this as a lora_fx bug")
+    return graph, removed, restored
+
+
+def check_folded_graph(gm: fx.GraphModule) -> None:
+    """The node-for-node check of one captured graph (lora_fx.fold runs it on every graph of an adapted model)."""
+    _folded_graph(gm)
+
+
+def fold_model(adapted: nn.Module, model: nn.Module, *, inplace: bool = False, adapters: list[str] | None = None,
+               accumulate_dtype: torch.dtype | None = None) -> nn.Module:
+    """The user's `model` with the adapted model's LoRA folded in and the modules trained in full written back.
+
+    inplace=False: a shallow copy of `model` whose folded weights are new tensors (modules on their paths cloned,
+    everything else shared); inplace=True: writes into `model`'s own weights and turns the adapter off in
+    `adapted` (its branches would add the delta a second time)."""
+    state = find_state(adapted)
+    new_weights = folded_weights(adapted, adapters, accumulate_dtype)  # checks A, B before anything changes
+    if inplace:  # checked in a first pass, written in a second: no weight is written unless all are finite
+        check_folded_finite(adapted, new_weights, keep=False)
+        new_weights = folded_weights(adapted, adapters, accumulate_dtype)
+    else:
+        new_weights = check_folded_finite(adapted, new_weights, keep=True)
+    target = model if inplace else shallow_clone(model)
+    trained = [(f"{m}.{n}", p) for m in state.modules_to_save for n, p in adapted.get_submodule(m).named_parameters()]
+    with torch.no_grad():
+        for name, value in [*new_weights, *((n, p.detach().clone()) for n, p in trained)]:
+            if inplace and name not in state.untied:
+                target.get_parameter(name).copy_(value)
+            else:
+                set_parameter_copy_on_write(target, name, value)
+    if inplace:
+        for container in state.containers(adapted).values():
+            for lora in container.values():
+                lora.enabled = False
+    return target
+
+
 def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | None = None,
          accumulate_dtype: torch.dtype | None = None) -> PassResult:
     """Fold an adapted GraphModule. inplace=False returns a new module (folded weights are new tensors, the others
     shared) and leaves `gm` adapted; inplace=True writes into W0 and strips `gm` itself.
 
     `adapters` names the adapters to fold (None: every enabled one); the others are dropped."""
-    state = lora_state(gm)
+    state = find_state(gm)
     if state is None:
         raise _not_adapted(gm)
     new_weights = folded_weights(gm, adapters, accumulate_dtype)  # checks A, B before anything changes
@@ -143,13 +190,7 @@ def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | Non
     else:  # the new module holds the new weights anyway
         new_weights = check_folded_finite(gm, new_weights, keep=True)
 
-    graph = copy.deepcopy(gm.graph)  # edited and checked before any module changes; its code is generated once
-    removed = strip_lora_nodes(graph)
-    restored = restore_attention(graph)  # SDPA calls adapt switched to is_causal get their mask back
-    difference = first_difference(state.original_graph, graph_signature(graph))
-    if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
-        raise FoldError(f"the folded graph differs from the traced original: {difference}",
-                        where=type(gm).__name__, fix="please report this as a lora_fx bug")
+    graph, removed, restored = _folded_graph(gm)  # checked before any module changes; its code generated once
     target = gm if inplace else clone_graph_module(gm, graph=graph)
     if inplace:
         gm.graph = graph  # the setter generates the code
@@ -176,7 +217,7 @@ def merge_adapter(gm: fx.GraphModule, adapter: str, *, keep_original: bool = Tru
 
     keep_original=True keeps an exact copy of each W0 it changes (memory: one copy of those weights) so
     unmerge_adapter restores them bit for bit; False subtracts the delta again on unmerge (rounding error)."""
-    state = lora_state(gm)
+    state = find_state(gm)
     if state is None:
         raise _not_adapted(gm)
     if adapter not in state.adapters:
@@ -206,7 +247,7 @@ def merge_adapter(gm: fx.GraphModule, adapter: str, *, keep_original: bool = Tru
 
 def unmerge_adapter(gm: fx.GraphModule, accumulate_dtype: torch.dtype | None = None) -> PassResult:
     """Take the merged adapter back out of W0 (exactly, when merge kept the originals) and re-enable it."""
-    state = lora_state(gm)
+    state = find_state(gm)
     if state is None:
         raise _not_adapted(gm)
     if not state.merged:

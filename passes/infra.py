@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,17 +82,20 @@ def own_module_tree(root: torch.nn.Module) -> None:
     for name, child in list(root._modules.items()):
         if child is None:
             continue
-        clone = _shallow_clone(child)
+        clone = shallow_clone(child)
         own_module_tree(clone)
         root._modules[name] = clone
 
 
-def _shallow_clone(module: torch.nn.Module) -> torch.nn.Module:
-    """The same module over the same tensors, with its own parameter/buffer/child dicts and training flag."""
-    clone = object.__new__(type(module))  # not copy.copy: a GraphModule's __reduce__ would recompile it
+def shallow_clone(module: torch.nn.Module, cls: type | None = None) -> torch.nn.Module:
+    """The same module over the same tensors (as an instance of `cls`, default its own class), with its own
+    attribute, parameter, buffer, child and hook dicts and training flag."""
+    clone = object.__new__(cls or type(module))  # not copy.copy: a GraphModule's __reduce__ would recompile it
     clone.__dict__ = dict(module.__dict__)
-    for attr in ("_parameters", "_buffers", "_modules"):
-        clone.__dict__[attr] = type(module.__dict__[attr])(module.__dict__[attr])
+    for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                 "_non_persistent_buffers_set"):
+        if attr in clone.__dict__:
+            clone.__dict__[attr] = type(module.__dict__[attr])(module.__dict__[attr])
     return clone
 
 
@@ -120,7 +124,20 @@ def set_parameter_copy_on_write(root: torch.nn.Module, qualified_name: str, valu
     *path, leaf = qualified_name.split(".")
     parent = root
     for name in path:
-        clone = _shallow_clone(parent._modules[name])
+        clone = shallow_clone(parent._modules[name])
         parent._modules[name] = clone
         parent = clone
     parent._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+@contextlib.contextmanager
+def frozen_norms(model: torch.nn.Module):
+    """BatchNorm in eval mode for the duration of a call: the base is frozen, its statistics too."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.training = True

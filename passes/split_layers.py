@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_fx.errors import InputError
-from lora_fx.passes.infra import PassResult
+from lora_fx.passes.capture import bind
+from lora_fx.passes.infra import PassResult, frozen_norms
 
 _LAYER = re.compile(r"^(?P<parent>.+)\.(?P<index>\d+)$")
 
@@ -159,7 +159,11 @@ class CheckpointedLayer(nn.Module):
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.part(*args)
-        return checkpoint(self.part, *args, use_reentrant=False)
+        return checkpoint(self._run, *args, use_reentrant=False)
+
+    def _run(self, *args):
+        with frozen_norms(self.part):  # the recompute in the backward pass too: statistics stay frozen
+            return self.part(*args)
 
 
 class LayerView(nn.Module):
@@ -180,7 +184,13 @@ class LayerView(nn.Module):
         self.training = adapted.training
 
     def forward(self, *args, **kwargs):
-        return self.top(*args, **kwargs)
+        call = self.__dict__.get("call")  # (spec, signature) of an adapted model's torch.export graph
+        with frozen_norms(self.top):  # the base's BatchNorm statistics stay as they are (lora_fx.adapted)
+            if call is None:
+                return self.top(*args, **kwargs)
+            spec, signature = call
+            arguments = bind(signature, args, kwargs)
+            return spec.rebuild_output(self.top(*spec.leaves(arguments)), arguments)
 
     def train(self, mode: bool = True) -> "LayerView":
         self.adapted.train(mode)
@@ -188,14 +198,9 @@ class LayerView(nn.Module):
         return self
 
 
-@dataclass
-class SplitResult(PassResult):
-    view: LayerView | None = None
-
-
-def split_layers(adapted: fx.GraphModule, checkpoint_every: int = 0, layers: str | None = None) -> SplitResult:
-    """Build the layer view of `adapted` (which is left as it was). checkpoint_every=k runs every k-th layer under
-    activation checkpointing (0: none)."""
+def split_layers(adapted: fx.GraphModule, checkpoint_every: int = 0, layers: str | None = None) -> PassResult:
+    """Build the layer view of `adapted` (which is left as it was): the result's graph_module is the LayerView.
+    checkpoint_every=k runs every k-th layer under activation checkpointing (0: none)."""
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise InputError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}", where="checkpoint_every",
                          fix="0 checkpoints no layer, 1 each layer, 2 every other one")
@@ -230,5 +235,5 @@ def split_layers(adapted: fx.GraphModule, checkpoint_every: int = 0, layers: str
     view = LayerView(adapted, top_module, layer_modules, checkpointed)
     changes = [f"split at the {len(names)} layers of {parent!r}; {len(checkpointed)} run under activation "
                f"checkpointing"]
-    return SplitResult(adapted, False, changes, view=view)
+    return PassResult(view, True, changes)
 

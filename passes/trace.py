@@ -20,7 +20,8 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import InputError, TraceError
-from lora_fx.passes.infra import PassResult, clone_graph_module, own_module_tree
+from lora_fx.passes.capture import CallSpec, bind, capture_export
+from lora_fx.passes.infra import PassResult
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -28,6 +29,7 @@ FRONTENDS = ("auto", "fx", "export")
 @dataclass
 class TraceResult(PassResult):
     frontend: str = "fx"
+    spec: CallSpec | None = None  # torch.export graphs take a call's leaves (passes/capture.py); fx ones the call
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -120,9 +122,9 @@ def _outputs_match(a: Any, b: Any) -> bool:
 def trace_fx(model: nn.Module, *, leaf_modules=(), open_modules=(), concrete_args=None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules, open_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-    own_module_tree(gm)  # GraphModule reuses the model's leaf modules: a mode switch on gm would reach the model
-    return gm
+    # the graph calls the model's own module objects: an adapted model's graphs follow its train()/eval() and
+    # .to() as the model would
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -165,14 +167,11 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export
         return torch.export.export(model, args, kwargs, strict=False)
 
 
-def trace_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    with eval_mode(model):
-        ep = _export_program(model, args, kwargs)
-    # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph and tensors does not.
-    gm = clone_graph_module(ep.module(), class_name=type(model).__name__)
-    drop_dtype_asserts(gm)
-    gm.train(model.training)
-    return gm
+def trace_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, CallSpec]:
+    """One call of `model` through torch.export, as a graph over the call's leaves (passes/capture.py), in the
+    model's current train/eval mode (dropout is traced as it runs in that mode)."""
+    # ep.module() refuses .train()/.eval(); trace_call gives a plain GraphModule over the same graph and tensors
+    return trace_call(model, bind(inspect.signature(model.forward), args, kwargs), "export", {})
 
 
 def drop_dtype_asserts(gm: fx.GraphModule) -> int:
@@ -239,13 +238,16 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
     changes: list[str] = []
     if frontend in ("auto", "fx"):
         try:
-            with eval_mode(model):  # the base is traced as it runs under LoRA: in eval mode (inject.keep_base_in_eval)
-                gm = trace_fx(model, leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
+            options = dict(leaf_modules=leaf_modules, open_modules=open_modules, concrete_args=concrete_args)
+            with eval_mode(model):  # checked against the model in eval mode (no random dropout)
+                gm = trace_fx(model, **options)
             if reference is not None:
-                with torch.no_grad(), eval_mode(gm):
+                with torch.no_grad(), eval_mode(model):
                     if not _outputs_match(gm(*args, **kwargs), reference):
                         raise TraceError("the symbolically traced graph computes something else than the model")
             hidden = hidden_linear_modules(gm, kept_closed=leaf_modules)
+            if model.training:  # a forward may read self.training (F.dropout(training=...)): trace it as it runs
+                gm = trace_fx(model, **options)
             if frontend == "fx" or not hidden or not have_inputs:
                 changes.append("traced with torch.fx symbolic tracing")
                 if hidden:
@@ -262,7 +264,7 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
                          "torch.export needs example inputs", where=type(model).__name__,
                          fix="pass example_inputs=(...) so lora_fx can trace with torch.export")
     try:
-        gm = trace_export(model, args, kwargs)
+        gm, spec = trace_export(model, args, kwargs)
     except Exception as e:
         export_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         causes = (f"torch.fx symbolic tracing: {fx_error}\n" if fx_error else "") + f"torch.export: {export_error}"
@@ -272,4 +274,20 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
         changes.append(f"symbolic tracing failed ({fx_error.splitlines()[0][:120]}); traced with torch.export")
     else:
         changes.append("traced with torch.export")
-    return TraceResult(gm, True, changes, frontend="export")
+    return TraceResult(gm, True, changes, frontend="export", spec=spec)
+
+
+def trace_call(model: nn.Module, arguments: dict[str, Any], frontend: str, options: dict) -> tuple[fx.GraphModule,
+                                                                                                   CallSpec | None]:
+    """One more call of a model already traced with `frontend`: (graph, spec) as `trace` gives them."""
+    if frontend == "fx":
+        return trace_fx(model, **options), None
+    ep, spec = capture_export(model, arguments, lambda flat, leaves: _export_program(flat, leaves, {}))
+    unlifted = ep.module()  # refuses .train()/.eval(); a plain GraphModule over its graph does not
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
+    for name, child in model._modules.items():  # read the weights through the model's own module objects (so
+        if name in gm._modules:                 # fully_shard of a layer, or .to(), reaches what the graph reads)
+            gm._modules[name] = child
+    drop_dtype_asserts(gm)
+    gm.training = model.training
+    return gm, spec

@@ -121,3 +121,10 @@ def spawn_fsdp2(worker, tmp_path, world: int = 2) -> tuple:
     out.mkdir()
     mp.spawn(worker, args=(world, str(tmp_path / "init"), str(out)), nprocs=world, join=True)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def state_of(adapted):
+    """The LoraState of an adapted model (or of a graph it captured)."""
+    from lora_fx.state import adapted_state
+
+    return adapted_state(adapted)[1]

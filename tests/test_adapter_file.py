@@ -337,10 +337,10 @@ def test_dtypes(tmp_path):
 def test_loading_into_a_module_that_was_not_adapted(tmp_path):
     directory, _ = saved(tmp_path)
     for target in (make(), fx.symbolic_trace(make())):
-        with pytest.raises(AdapterFileError, match="not adapted by lora_fx") as e:
+        with pytest.raises(lora_fx.NotAdaptedError, match="not adapted by lora_fx") as e:
             load_adapter(target, directory)
         assert "adapt_from_adapter" in str(e.value)
-        with pytest.raises(AdapterFileError, match="not adapted by lora_fx"):
+        with pytest.raises(lora_fx.NotAdaptedError, match="not adapted by lora_fx"):
             save_adapter(target, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -396,7 +396,7 @@ def test_named_adapters_and_merged_adapters(tmp_path):
         load_adapter(other, tmp_path / "k")
     load_adapter(other, tmp_path / "k", adapter="k_only")
     assert torch.equal(other.lora_fx_k_only.layers_1_k.lora_B, adapted.lora_fx_k_only.layers_1_k.lora_B)
-    with pytest.raises(AdapterFileError, match="no adapter named 'nope'"):
+    with pytest.raises(lora_fx.NotAdaptedError, match="no adapter named 'nope'"):
         load_adapter(other, tmp_path / "k", adapter="nope")
     # loading into a merged adapter would leave W0 stale
     lora_fx.merge_adapter(other, "k_only")

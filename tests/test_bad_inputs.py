@@ -26,7 +26,7 @@ from torch import nn
 import lora_fx
 from lora_fx import Rule
 
-from conftest import TinyBlock, TinyMLP, deadline
+from conftest import TinyBlock, TinyMLP, state_of, deadline
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -220,8 +220,8 @@ def test_10_model_that_no_front_end_traces():
 
 
 def test_11_model_in_train_mode_with_a_mode_dependent_forward():
-    """Not an error: adapt traces the base as in eval mode (F.dropout(training=self.training) is common) and says
-    nothing; the model keeps its mode."""
+    """Not an error: the adapted model runs the forward's train branch in train mode and its eval branch in eval
+    mode, as the model does (F.dropout(training=self.training) is common); the model keeps its mode."""
     torch.manual_seed(0)
     model, x = ModeDependent().train(), torch.randn(2, 8)
     with warnings.catch_warnings():
@@ -229,7 +229,9 @@ def test_11_model_in_train_mode_with_a_mode_dependent_forward():
         adapted = lora_fx.adapt(model, example_inputs=(x,), r=2, frontend="fx")
     assert model.training
     with torch.no_grad():
-        torch.testing.assert_close(adapted(x), model.fc(x), rtol=0, atol=0)  # the eval branch (no "* 2")
+        torch.testing.assert_close(adapted(x), model(x), rtol=0, atol=0)  # the train branch ("* 2")
+        adapted.eval()
+        torch.testing.assert_close(adapted(x), model.fc(x), rtol=0, atol=0)  # the eval branch
     assert not any(p.requires_grad for p in model.parameters())  # adapt went through (and froze the base)
 
 
@@ -285,7 +287,7 @@ def test_16_rule_selects_a_tied_weight():
 def test_17_fold_twice(adapted):
     folded = lora_fx.fold(adapted)
     before = state(folded)
-    expect(lora_fx.FoldError, lambda: lora_fx.fold(folded), "not adapted", "TinyMLP")
+    expect(lora_fx.NotAdaptedError, lambda: lora_fx.fold(folded), "not adapted", "TinyMLP")
     assert_unchanged(folded, before)
 
 
@@ -353,9 +355,9 @@ def test_25_unknown_adapter_to_fold_or_merge(adapted):
 def test_26_lora_calls_on_a_plain_model(mlp):
     model, _ = mlp
     before = state(model)
-    expect(lora_fx.FoldError, lambda: list(lora_fx.lora_parameters(model)), "not adapted", "TinyMLP")
-    expect(lora_fx.FoldError, lambda: lora_fx.lora_state_dict(model), "not adapted")
-    expect(lora_fx.FoldError, lambda: lora_fx.fold(model), "not adapted")
+    expect(lora_fx.NotAdaptedError, lambda: list(lora_fx.lora_parameters(model)), "not adapted", "TinyMLP")
+    expect(lora_fx.NotAdaptedError, lambda: lora_fx.lora_state_dict(model), "not adapted")
+    expect(lora_fx.NotAdaptedError, lambda: lora_fx.fold(model), "not adapted")
     assert_unchanged(model, before)
 
 
@@ -363,7 +365,7 @@ def test_26_lora_calls_on_a_plain_model(mlp):
 def test_27_load_into_a_plain_model(mlp, saved):
     model, _ = mlp
     before = state(model)
-    expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(model, saved[0]), "not adapted",
+    expect(lora_fx.NotAdaptedError, lambda: lora_fx.load_adapter(model, saved[0]), "not adapted",
            "adapt_from_adapter")
     assert_unchanged(model, before)
 
@@ -731,7 +733,7 @@ def test_58_fold_refuses_a_weight_that_overflows_its_dtype(fp16_overflowing, cal
     expect(lora_fx.FoldError, fn, "fc2.weight", "float16", "NaN or Inf", "nothing was folded")
     assert_unchanged(adapted, before)
     assert_unchanged(model, before_model)
-    assert lora_fx.passes.inject.lora_state(adapted).merged == []
+    assert state_of(adapted).merged == []
 
 
 def test_59_fold_of_a_weight_near_the_limit_that_fits_still_works(fp16_overflowing):

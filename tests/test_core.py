@@ -12,7 +12,7 @@ import lora_fx
 from lora_fx import Rule
 from lora_fx.passes.infra import graph_signature
 from lora_fx.passes.trace import trace
-from tests.conftest import TinyBlock, randomize_lora, train_steps
+from tests.conftest import TinyBlock, randomize_lora, state_of, train_steps
 
 FRONTENDS = ["fx", "export"]
 
@@ -25,7 +25,7 @@ def state_snapshot(model: nn.Module) -> dict:
 def test_adapted_output_equals_original_at_init(block, frontend):
     model, args = block
     adapted = lora_fx.adapt(model, example_inputs=args, frontend=frontend)
-    assert adapted.meta["lora_fx"].frontend == frontend
+    assert state_of(adapted).frontend == frontend
     assert torch.equal(adapted(*args), model(*args))  # exactly: B starts at zero
 
 
@@ -75,13 +75,15 @@ def test_fold_gives_back_the_original_graph(block, frontend):
     model, args = block
     original = trace(model, args, frontend=frontend).graph_module
     adapted = lora_fx.adapt(model, example_inputs=args, frontend=frontend)
-    assert graph_signature(adapted.graph) != graph_signature(original.graph)
+    graph = lora_fx.graph(adapted)
+    assert graph_signature(graph.graph) != graph_signature(original.graph)
     randomize_lora(adapted)
-    merged = lora_fx.fold(adapted)
-    assert graph_signature(merged.graph) == graph_signature(original.graph)
-    assert not hasattr(merged, "lora_fx") and "lora_fx" not in merged.meta
+    folded_graph = lora_fx.fold(graph)  # the graph-level fold: the graph as traced, node for node
+    assert graph_signature(folded_graph.graph) == graph_signature(original.graph)
+    assert all(n.op != "call_module" or not n.target.startswith("lora_fx") for n in folded_graph.graph.nodes)
+    merged = lora_fx.fold(adapted)  # the model-level fold: the user's own class
+    assert type(merged) is type(model) and not hasattr(merged, "lora_fx")
     assert {n for n, _ in merged.named_parameters()} == {n for n, _ in model.named_parameters()}
-    assert all(n.op != "call_module" or not n.target.startswith("lora_fx") for n in merged.graph.nodes)
 
 
 # Fold parity: the folded model computes W0·x + s·B·A·x as (W0 + s·B·A)·x, so results differ only by rounding.
@@ -145,11 +147,12 @@ def test_fold_inplace_writes_into_w0(block):
         expected = lora_fx.fold(adapted)(*args)
     q_weight = model.q.weight
     merged = lora_fx.fold(adapted, inplace=True)
-    assert merged is adapted and not hasattr(merged, "lora_fx")
+    assert merged is model and not hasattr(merged, "lora_fx")  # the user's own model, weights merged
     assert dict(merged.named_parameters())["q.weight"] is q_weight  # same tensor, new values
     with torch.no_grad():
         assert torch.allclose(model(*args), expected, atol=1e-6)
-    with pytest.raises(lora_fx.FoldError):
+        assert torch.allclose(adapted(*args), expected, atol=1e-6)  # its adapter is off: not added twice
+    with pytest.raises(lora_fx.NotAdaptedError):
         lora_fx.fold(merged)  # nothing left to fold
 
 
@@ -169,8 +172,8 @@ def test_one_weight_at_several_sites_gets_one_lora(frontend):
     torch.manual_seed(0)
     model, args = SharedWeight(), (torch.randn(3, 8), torch.randn(3, 8))
     adapted = lora_fx.adapt(model, example_inputs=args, frontend=frontend)
-    assert len(adapted.meta["lora_fx"].sites) == 2 and list(adapted.lora_fx) == ["proj"]
-    assert sum(1 for n in adapted.graph.nodes if n.meta.get("lora_fx", ("",))[0] == "branch") == 2
+    assert len(state_of(adapted).sites) == 2 and list(adapted.lora_fx) == ["proj"]
+    assert sum(1 for n in lora_fx.graph(adapted).graph.nodes if n.meta.get("lora_fx", ("",))[0] == "branch") == 2
     randomize_lora(adapted)
     with torch.no_grad():
         assert torch.allclose(lora_fx.fold(adapted)(*args), adapted(*args), atol=1e-5)
@@ -223,7 +226,7 @@ def test_auto_frontend_falls_back_to_export_for_control_flow():
 
     model, x = Branchy(), torch.ones(2, 4)
     adapted = lora_fx.adapt(model, example_inputs=(x,), r=2)
-    assert adapted.meta["lora_fx"].frontend == "export"
+    assert state_of(adapted).frontend == "export"
     assert torch.equal(adapted(x), model(x))
 
 
@@ -236,7 +239,7 @@ def test_transformers_model_through_torch_export():
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 12))
     adapted = lora_fx.adapt(model, rules=[Rule(name="q_proj|v_proj", r=4)], example_inputs=(ids,))
-    assert adapted.meta["lora_fx"].frontend == "export"
+    assert state_of(adapted).frontend == "export"
     assert sorted(adapted.lora_fx) == [f"model_layers_{i}_self_attn_{p}_proj" for i in range(2) for p in "qv"]
     assert torch.equal(adapted(ids)[0] if isinstance(adapted(ids), tuple) else adapted(ids).logits,
                        model(ids).logits)

@@ -106,7 +106,7 @@ def test_rank_larger_than_the_weight(block):
 
 def test_fold_on_a_module_that_was_not_adapted(mlp):
     model, _ = mlp
-    expect_error(lora_fx.FoldError, lambda: lora_fx.fold(model), "not adapted", "TinyMLP")
+    expect_error(lora_fx.NotAdaptedError, lambda: lora_fx.fold(model), "not adapted", "TinyMLP")
     expect_error(lora_fx.InputError, lambda: lora_fx.fold("model.pt"), "str")
 
 
