@@ -314,6 +314,32 @@ def _uncapturable(arguments: dict[str, Any]) -> str:
                      if leaf_key(value) is None) or "?"
 
 
+def exportable(entry: Entry, adapted: nn.Module, arguments: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """(a module computing this captured call, the keyword inputs to export it with) for torch.onnx.export of an
+    unmerged model. A GraphModule is exported as itself, so the exporter keeps each node's module path (fold_onnx
+    names and keeps branches by it): a symbolic trace takes the call as it is; a torch.export graph of tensors and
+    constants gets the call's tensor arguments, by name, and returns the model's output structure. Other calls
+    (a KV cache) go through `graph_call`."""
+    import copy
+
+    import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    from lora_fx.passes.infra import clone_graph_module
+
+    spec = entry.spec
+    if spec is None:
+        return entry.graph, arguments
+    slots = spec.output[1] if spec.output else [("cache", 0)]
+    if any(k[0] not in ("tensor", "constant") for k in spec.kinds.values()) or any(k != "tensor" for k, _ in slots):
+        return graph_call(entry, adapted), arguments
+    names = [n for n in spec.names if spec.kinds[n][0] == "tensor"]
+    graph = copy.deepcopy(entry.graph.graph)
+    in_spec = pytree.tree_structure((tuple(range(len(names))), {}))
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, spec.output[0]))
+    return clone_graph_module(entry.graph, graph=graph), {n: arguments[n] for n in names}
+
+
 def graph_call(entry: Entry, adapted: nn.Module) -> nn.Module:
     """A module computing one captured call with the original forward's signature and parameter names (for
     torch.onnx.export of an unmerged model: its inputs are named as the base model's): binds the call, feeds the
@@ -321,15 +347,21 @@ def graph_call(entry: Entry, adapted: nn.Module) -> nn.Module:
     original = adapted.__dict__["_lora_fx_class"].forward
     signature = adapted.__dict__[CALLS].signature
 
+    graph = entry.graph
+    run = type(graph).forward  # the graph's generated code, run on this module (it holds the graph's dicts, so a
+                               # copy of it, e.g. export_onnx's cast copy, runs on its own tensors)
+
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if entry.spec is None:
-            return self.graph(*args, **kwargs)
+            return run(self, *args, **kwargs)
         arguments = bind(signature, args, kwargs)
-        return entry.spec.rebuild_output(self.graph(*entry.spec.leaves(arguments)), arguments)
+        return entry.spec.rebuild_output(run(self, *entry.spec.leaves(arguments)), arguments)
 
     module = type("GraphCall", (nn.Module,), {"forward": forward})()
-    module.graph = entry.graph
+    for attr in ("_parameters", "_buffers", "_modules"):  # the graph's tensors under the model's own names
+        module.__dict__[attr] = graph.__dict__[attr]
+    module.training = graph.training
     return module
 
 

@@ -492,7 +492,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         kind = "adapter"
     n = sum(1 for _ in adapted.lora_fx.values())
     _info(f"adapted with the {kind} {adapter}: {n} LoRA weight(s), front end "
-          f"{getattr(adapted.meta.get('lora_fx'), 'frontend', '?')}")
+          f"{lora_fx.capture_info(adapted)['frontend']}")
     merged = lora_fx.fold(adapted)
     dtype = torch.float16 if args.fp16 else None
     with contextlib.ExitStack() as stack:

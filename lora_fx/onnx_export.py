@@ -69,7 +69,7 @@ def export_onnx(
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
 
-    model = _exportable(model, example_inputs, example_kwargs)
+    model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
     with _output_dir(path) as tmp_dir:
         with eval_mode(model):
             outputs = output_names(_check_inputs_fit(model, example_inputs, example_kwargs))
@@ -90,20 +90,25 @@ def export_onnx(
     return path
 
 
-def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """What to hand the exporter. An adapted model (unmerged) is exported through its graph for this call, with the
-    original call's signature (lora_fx.adapted.graph_call); the causal-attention rewrite is for training, so the
-    graph's masked attention comes back: the unmerged export differs from the base export only by the LoRA
-    branches, which fold_onnx removes."""
-    from lora_fx.adapted import Entry, graph_call, is_adapted
+def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, tuple, dict]:
+    """(what to hand the exporter, its inputs). An adapted model (unmerged) is exported through its graph for this
+    call (lora_fx.adapted.exportable); the causal-attention rewrite is for training, so the graph's masked
+    attention comes back: the unmerged export differs from the base export only by the LoRA branches, which
+    fold_onnx removes."""
+    from lora_fx.adapted import exportable, is_adapted
 
     if not is_adapted(model):
-        return with_masked_attention(model)
+        return with_masked_attention(model), args, kwargs
     from lora_fx.api import _entry
 
     with eval_mode(model):
         entry = _entry(model, args, kwargs)
-    return graph_call(Entry(with_masked_attention(entry.graph), entry.spec), model)
+    graph, arguments = exportable(entry, model, model.__dict__["_lora_fx_calls"].bind(args, kwargs))
+    if isinstance(graph, torch.fx.GraphModule):
+        graph = with_masked_attention(graph)
+    if entry.spec is None:
+        return graph, args, kwargs
+    return graph, (), arguments
 
 
 @contextlib.contextmanager
@@ -235,9 +240,10 @@ def _optimize(model) -> None:
 
     cleanup = [common.RemoveUnusedNodesPass, common.RemoveUnusedFunctionsPass, common.RemoveUnusedOpsetsPass]
     common.InlinePass()(model)
+    rules = _structural_rules(rewriter)
     for _ in range(2):  # optimize_ir's default num_iterations
         optimizer.fold_constants_ir(model, onnx_shape_inference=True)
-        rewriter.rewrite(model)
+        rewriter.rewrite(model, pattern_rewrite_rules=rules)
         for cleanup_pass in cleanup:
             cleanup_pass()(model)
     common.RemoveUnusedNodesPass()(model)
@@ -248,6 +254,19 @@ def _optimize(model) -> None:
     for name in ("OutputFixPass", "NameFixPass"):  # newer onnx_ir only
         if hasattr(common, name):
             getattr(common, name)()(model)
+
+
+def _structural_rules(rewriter) -> list | None:
+    """onnxscript's default rewrite rules minus those that look at a weight's values: the removal of an all-zero
+    bias (Gemm, Conv) and of Add(x, 0) / Mul(x, 1) no-ops. A bias that is zero in the base and trained in the
+    merged model (modules_to_save) would otherwise change the merged export's structure. None (the defaults) where
+    this onnxscript lays its rules out otherwise."""
+    defaults = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    value_rules = [rule for name in ("_no_op", "_remove_optional_bias")
+                   for rule in getattr(getattr(rewriter, name, None), "rules", [])]
+    if defaults is None or not value_rules:
+        return None
+    return [rule for rule in defaults if rule not in value_rules]
 
 
 def _deduplicate_constants(model, size_limit: int = 1024) -> None:

@@ -277,6 +277,33 @@ def trace(model: nn.Module, example_args: tuple | None = None, example_kwargs: d
     return TraceResult(gm, True, changes, frontend="export", spec=spec)
 
 
+def _read_through(gm: fx.GraphModule, model: nn.Module, unlifted: nn.Module) -> None:
+    """Let `gm` read the weights through the model's own module objects (so fully_shard of a layer, or .to(), reaches
+    what the graph reads), not the containers torch.export's unlifting made. Constants the unlifting put beside a
+    module's weights (lifted tensors) move to gm's top level, so the model's modules stay as they were."""
+    moved = 0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." in node.target:
+            value = _attribute(unlifted, node.target)
+            if _attribute(model, node.target) is not value:
+                name = f"_lora_fx_constant_{moved}"
+                setattr(gm, name, value)
+                node.target, moved = name, moved + 1
+    for name, child in model._modules.items():
+        if name in gm._modules:
+            gm._modules[name] = child
+    if moved:
+        gm.recompile()
+
+
+def _attribute(root: Any, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
 def trace_call(model: nn.Module, arguments: dict[str, Any], frontend: str, options: dict) -> tuple[fx.GraphModule,
                                                                                                    CallSpec | None]:
     """One more call of a model already traced with `frontend`: (graph, spec) as `trace` gives them."""
@@ -285,9 +312,7 @@ def trace_call(model: nn.Module, arguments: dict[str, Any], frontend: str, optio
     ep, spec = capture_export(model, arguments, lambda flat, leaves: _export_program(flat, leaves, {}))
     unlifted = ep.module()  # refuses .train()/.eval(); a plain GraphModule over its graph does not
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
-    for name, child in model._modules.items():  # read the weights through the model's own module objects (so
-        if name in gm._modules:                 # fully_shard of a layer, or .to(), reaches what the graph reads)
-            gm._modules[name] = child
+    _read_through(gm, model, unlifted)
     drop_dtype_asserts(gm)
     gm.training = model.training
     return gm, spec

@@ -105,10 +105,33 @@ def test_any_batch_keywords_labels_and_return_types():
     assert lora_fx.capture_info(adapted)["captures"] == info["captures"]  # a call seen before is not captured again
 
 
+class WithOptions(torch.nn.Module):
+    """A bare-parameter site (only a graph can apply its LoRA) and an argument that is neither tensor nor constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.w = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x, options=None):
+        scale = options.scale if options is not None else 1.0
+        return torch.nn.functional.linear(self.proj(x), self.w) * scale
+
+
 def test_a_call_the_graphs_cannot_take_is_a_clear_error():
-    adapted, _, _ = pair()
+    import types
+
+    x = torch.randn(2, 8)
+    adapted = lora_fx.adapt(WithOptions(), example_inputs=(x,))
     with pytest.raises(TypeError, match="takes the arguments of the original forward"):
-        adapted(ids(2, 4), nonsense=1)
+        adapted(x, nonsense=1)  # as the original forward would refuse it
+    with pytest.raises(lora_fx.LoraFxError, match="options: SimpleNamespace") as e:
+        adapted(x, options=types.SimpleNamespace(scale=2.0))
+    assert "bare parameter" in str(e.value) and "w" in str(e.value)
+    module_sites_only = lora_fx.adapt(WithOptions(), [Rule(name="proj")], example_inputs=(x,))
+    with torch.no_grad():  # the LoRA on an nn.Linear is applied by a hook: the original forward runs with it
+        y = module_sites_only(x, options=types.SimpleNamespace(scale=2.0))
+        assert torch.allclose(y, module_sites_only(x) * 2.0)
+    assert lora_fx.capture_info(module_sites_only)["fallbacks"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -237,11 +260,12 @@ def bert_classifier(labels: int = 3):
 def test_modules_trained_in_full_beside_the_lora(tmp_path):
     base = bert_classifier()
     x = ids(2, 6)
-    adapted = lora_fx.adapt(copy.deepcopy(base), [Rule(role=["attn.q", "attn.v"], r=4)], example_inputs=(x,),
+    adapted = lora_fx.adapt(base, [Rule(role=["attn.q", "attn.v"], r=4)], example_inputs=(x,),
                             modules_to_save=["classifier"])
     head_before = base.classifier.weight.detach().clone()
     trainable = lora_fx.trainable_parameters(adapted)
-    assert adapted.classifier.weight in trainable and adapted.classifier.weight is not base.classifier.weight
+    assert any(p is adapted.classifier.weight for p in trainable)
+    assert adapted.classifier.weight is not base.classifier.weight and not base.classifier.weight.requires_grad
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     for _ in range(3):
         loss = adapted(input_ids=x, labels=torch.tensor([0, 2])).loss

@@ -149,21 +149,26 @@ def test_fp16_export_casts_a_copy_not_the_callers_model(tmp_path, block):
 
 @pytest.mark.parametrize("frontend,warns", [("export", True), ("fx", False)])
 def test_dtype_on_a_torch_export_graph_warns(tmp_path, frontend, warns):
-    """A torch.export graph keeps the dtype casts it was traced with, so recasting it is refused politely (a
-    warning with the way out); a symbolic-trace graph has no such casts and exports quietly."""
+    """The merged model (lora_fx.fold: the user's class) exports in any dtype quietly. A torch.export graph keeps the
+    dtype casts it was traced with, so recasting the graph itself is refused politely (a warning with the way
+    out); a symbolic-trace graph has no such casts and exports quietly."""
     import warnings
 
     import lora_fx
     torch.manual_seed(0)
     x, model = _x(2, 5, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    merged = lora_fx.fold(lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        export_onnx(merged, tmp_path / "half.onnx", (x,), dtype=torch.float16)
-    said = [str(w.message) for w in caught if "keeps the casts it was traced with" in str(w.message)]
-    assert bool(said) == warns, said
-    if warns:
-        assert "load_state_dict" in said[0]
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2)
+    for module, expected in ((lora_fx.fold(adapted), False), (lora_fx.fold(lora_fx.graph(adapted)), warns)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export_onnx(module, tmp_path / "half.onnx", (x,), dtype=torch.float16)
+        said = [str(w.message) for w in caught if "keeps the casts it was traced with" in str(w.message)]
+        assert bool(said) == expected, said
+        if expected:
+            assert "load_state_dict" in said[0] or "lora_fx.fold" in said[0]
+        else:
+            assert {i.data_type for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 2} == {
+                onnx.TensorProto.FLOAT16}
 
 
 def test_missing_directory_raises_export_error_and_writes_nothing(tmp_path):
