@@ -774,8 +774,8 @@ def main(argv=None) -> int:
                 ops = {"target": target, "when": name}
                 try:
                     model, adapted, ops["adapt_s"] = lora_fx_adapt(a, target, cfg, device, batches)
-                    ops.update(sdpa_report(adapted))
                     lora_fx = import_lora_fx()
+                    ops.update(sdpa_report(lora_fx.graph(adapted)))
                     params = list(lora_fx.lora_parameters(adapted))
                     n = sum(p.numel() for p in params)
                     _, n_all = trainable_of(adapted)

@@ -636,7 +636,7 @@ class Case:
         r = self.result
         self.adapted = lora_fx.adapt(self.model, example_inputs=self.args, example_kwargs=self.kwargs,
                                      frontend=self.frontend, **{**self.entry.options, **options})
-        self.state = self.adapted.meta["lora_fx"]
+        self.state = lora_fx.graph(self.adapted).meta["lora_fx"]
         r.frontend_used = self.state.frontend
         r.sites = len(self.state.sites)
         r.adapted_sites = sum(d.adapted for d in self.state.decisions)
@@ -671,7 +671,8 @@ class Case:
         r = self.result
         self.merged = lora_fx.fold(self.adapted)
         self.check("lora_fx" not in self.merged._modules, "the folded module still holds the LoRA container")
-        difference = first_difference(self.state.original_graph, graph_signature(self.merged.graph))
+        folded_graph = lora_fx.fold(lora_fx.graph(self.adapted))  # the graph-level fold: the graph as traced
+        difference = first_difference(self.state.original_graph, graph_signature(folded_graph.graph))
         self.check(difference is None, f"folded graph differs from the traced original: {difference}")
         self.adapted.eval()
         self.merged.eval()

@@ -63,8 +63,9 @@ def _fx_half(entry: Z.Entry, frontend: str) -> Z.Case:
     return _DONE[key]
 
 
-def _branches(gm) -> dict[str, int]:
-    """LoRA key -> number of call sites of its branch in the graph (default adapter)."""
+def _branches(adapted) -> dict[str, int]:
+    """LoRA key -> number of call sites of its branch in the adapted model's graph (default adapter)."""
+    gm = lora_fx.graph(adapted)
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         tag = node.meta.get("lora_fx")
@@ -154,7 +155,7 @@ def test_shared_weight_gets_one_lora(frontend):
     """One nn.Linear called twice: one LoRA, its branch at both sites, folded once."""
     model, args, kwargs = Z.shared_weight()
     adapted = lora_fx.adapt(model, example_inputs=args, frontend=frontend)
-    assert len(adapted.meta["lora_fx"].sites) == 3
+    assert len(lora_fx.graph(adapted).meta["lora_fx"].sites) == 3
     assert len(adapted.lora_fx) == 2
     assert _branches(adapted) == {"proj": 2, "head": 1}
     assert len(list(lora_fx.lora_parameters(adapted))) == 4
@@ -183,7 +184,7 @@ def test_tied_weights_skipped_by_default(name, frontend):
     model, args, kwargs = entry()
     with pytest.warns(UserWarning, match="tied to"):
         adapted = lora_fx.adapt(model, example_inputs=args, example_kwargs=kwargs, frontend=frontend)
-    adapted_weights = {d.site.weight for d in adapted.meta["lora_fx"].decisions if d.adapted}
+    adapted_weights = {d.site.weight for d in lora_fx.graph(adapted).meta["lora_fx"].decisions if d.adapted}
     assert "lm_head.weight" not in adapted_weights and adapted_weights
     for lora in adapted.lora_fx.values():
         nn.init.normal_(lora.lora_B, std=0.05)
@@ -220,14 +221,16 @@ def test_tied_weights_untie_fx(tmp_path):
         torch.testing.assert_close(merged(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
         assert merged.get_parameter("lm_head.weight") is not merged.get_parameter("embed.weight")
         assert torch.equal(merged.get_parameter("embed.weight"), w0)
-        merged_inplace = lora_fx.fold(adapted, inplace=True)
-        torch.testing.assert_close(merged_inplace(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
-        assert torch.equal(model.embed.weight, w0)
     if Z.onnx_available() is None:
         lora_fx.export_onnx(model, tmp_path / "base.onnx", args)
         lora_fx.export_onnx(merged, tmp_path / "merged.onnx", args)
         report = lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx")
         assert not report.identical and any("initializer" in d for d in report.differences)
+    with torch.no_grad():  # in place: the user's model itself, its lm_head untied from the embedding
+        merged_inplace = lora_fx.fold(adapted, inplace=True)
+        assert merged_inplace is model
+        torch.testing.assert_close(merged_inplace(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
+        assert torch.equal(model.embed.weight, w0)
 
 
 class TiedByUse(nn.Module):
@@ -360,34 +363,39 @@ class BaseWithModes(nn.Module):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_base_runs_in_eval_whatever_train_says(frontend):
-    """A model adapted while in train mode, then trained: the base computes as in eval mode (no dropout, BatchNorm
-    statistics frozen) in both front ends, only LoRA follows .train(), and the user's model keeps its mode and
-    its running statistics."""
+def test_base_dropout_follows_the_mode_and_batchnorm_stays_frozen(frontend):
+    """A model adapted while in train mode, then run: the base's dropout follows .train()/.eval() as in the user's
+    model (nn.Dropout and F.dropout(training=self.training) alike), in both front ends; BatchNorm statistics stay
+    frozen (the base is frozen); in eval mode with the LoRA off, the adapted model is the model in eval mode."""
     torch.manual_seed(0)
     model, x = BaseWithModes().train(), torch.randn(6, 8)
     stats = {k: v.clone() for k, v in model.bn.state_dict().items()}
-    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2, dropout=0.5)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2)
     assert adapted.training
     for lora in adapted.lora_fx.values():
         nn.init.normal_(lora.lora_B, std=0.1)
     with torch.no_grad():
-        train_outputs = [adapted(x) for _ in range(2)]  # LoRA dropout on: outputs differ
+        train_outputs = [adapted(x) for _ in range(2)]  # the base's dropout is on, as in the model
+        with lora_fx.disable_adapters(adapted):
+            torch.manual_seed(1)
+            base_train = adapted(x)
         adapted.eval()
         eval_output = adapted(x)
-        for lora in adapted.lora_fx.values():
-            lora.enabled = False
-        base_output = adapted(x)
-        for lora in adapted.lora_fx.values():
-            lora.enabled = True
+        with lora_fx.disable_adapters(adapted):
+            base_output = adapted(x)
     assert not torch.equal(*train_outputs)
-    assert all(m.training for m in model.modules()), "adapt or train() changed the user's model's mode"
     for k, v in model.bn.state_dict().items():
         assert torch.equal(v, stats[k]), f"the user's BatchNorm {k} moved"
+    assert model.training  # the user's model keeps its own mode flag (its modules are shared, as with PEFT)
+    model.train()
+    model.bn.eval()  # the user's model in train mode with BatchNorm frozen is what the adapted base computed
+    with torch.no_grad():
+        torch.manual_seed(1)
+        torch.testing.assert_close(base_train, model(x), rtol=0, atol=1e-6)  # the same dropout masks too
     torch.testing.assert_close(base_output, model.eval()(x), rtol=0, atol=1e-6)  # base == the model in eval
-    torch.testing.assert_close(lora_fx.fold(adapted)(x), eval_output, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lora_fx.fold(adapted).eval()(x), eval_output, rtol=0, atol=1e-5)
     copied = copy.deepcopy(adapted).train()  # a deep copy keeps the behaviour
-    assert not any(m.training for n, m in copied.named_modules() if n and not n.startswith("lora_fx"))
+    assert all(m.training for m in copied.modules())
 
 
 class LinearTwoWays(nn.Module):
@@ -461,16 +469,16 @@ def test_leaf_modules_kept_closed(frontend):
     torch.manual_seed(0)
     x = Z._tokens()
     adapted = lora_fx.adapt(_WithBlock(), example_inputs=(x,), frontend=frontend, leaf_modules=["block"])
-    assert [s.weight for s in adapted.meta["lora_fx"].sites] == ["head.weight"]
+    assert [s.weight for s in lora_fx.graph(adapted).meta["lora_fx"].sites] == ["head.weight"]
 
 
 def test_leaf_modules_mha_closed_by_default_and_open_fails_with_hint():
     model, args, _ = Z.mha_wrapped()
     fx = lora_fx.adapt(model, example_inputs=args, frontend="fx")
-    assert [s.weight for s in fx.meta["lora_fx"].sites] == ["inp.weight", "out.weight"]
+    assert [s.weight for s in lora_fx.graph(fx).meta["lora_fx"].sites] == ["inp.weight", "out.weight"]
     auto = lora_fx.adapt(model, example_inputs=args)  # auto: the closed MHA hides linears -> torch.export
-    assert auto.meta["lora_fx"].frontend == "export"
-    assert {s.weight for s in auto.meta["lora_fx"].sites} == {"inp.weight", "attn.in_proj_weight",
+    assert lora_fx.graph(auto).meta["lora_fx"].frontend == "export"
+    assert {s.weight for s in lora_fx.graph(auto).meta["lora_fx"].sites} == {"inp.weight", "attn.in_proj_weight",
                                                               "attn.out_proj.weight", "out.weight"}
     with pytest.raises(lora_fx.TraceError, match="frontend='export'"):
         lora_fx.adapt(model, example_inputs=args, frontend="fx", open_modules=[nn.MultiheadAttention])
