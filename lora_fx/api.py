@@ -205,6 +205,7 @@ def _finish_graph(adapted: nn.Module, gm: fx.GraphModule, spec, sites: list) -> 
     return adapted_model.Entry(gm, spec, training=gm.training)
 
 
+@torch._dynamo.disable  # under torch.compile the capture runs eagerly; the graph it makes is what dynamo compiles
 def capture_call(adapted: nn.Module, arguments: dict[str, Any]) -> adapted_model.Entry:
     """A call no captured graph takes: trace it, match its sites and inject the adapted model's LoRA modules."""
     calls = adapted.__dict__[adapted_model.CALLS]
