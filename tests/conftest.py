@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import lora_fx
 
 
 class TinyBlock(nn.Module):
@@ -128,3 +131,33 @@ def state_of(adapted):
     from lora_fx.state import adapted_state
 
     return adapted_state(adapted)[1]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under root (hidden ones too: temporary files show up here) with its bytes."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(root.rglob("*"))}
+
+
+# Fixtures of the bad-input tests (tests/test_bad_*.py): an adapted TinyMLP in eval mode, and its saved adapter.
+@pytest.fixture
+def eval_mlp():
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(4, 8),)
+
+
+@pytest.fixture
+def adapted(eval_mlp):
+    model, args = eval_mlp
+    a = lora_fx.adapt(model, example_inputs=args, r=4)
+    with torch.no_grad():
+        for lora in a.lora_fx.values():
+            lora.lora_B.normal_(0, 0.1)
+    return a
+
+
+@pytest.fixture
+def saved(adapted, tmp_path):
+    """(folder of a saved adapter, its files' bytes)."""
+    folder = lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    return folder, files(tmp_path)

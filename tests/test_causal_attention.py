@@ -16,7 +16,7 @@ from torch import nn
 import lora_fx
 from lora_fx.passes.causal_attention import causal_or_masked
 
-import models_zoo as Z
+import zoo as Z
 
 RTOL = 1e-5
 
@@ -59,7 +59,7 @@ def test_decoder_mask_becomes_is_causal_and_fold_restores_it(llama_ids):
     with torch.no_grad():
         # the example length, others below twice it (is_causal), and beyond it (the masked branch)
         for seq in (16, 9, 32, 40):
-            x = Z._ids(2, seq)
+            x = Z.random_ids(2, seq)
             _close(_logits(adapted(x)), _logits(plain(x)))
         folded_graph = lora_fx.fold(lora_fx.graph(adapted, ids))  # the graph as traced, node for node, or raises
         assert _calls(folded_graph) == (0, Z.LAYERS)
@@ -112,7 +112,7 @@ class _Attention(nn.Module):
 def test_only_a_provably_causal_mask_is_rewritten(kind, window, rewritten):
     """A window shorter than the example (4 < 8) is seen at once; one longer than it (12) at twice the example's
     sizes, where the pass also checks; a full mask is not causal."""
-    x = Z._tokens(seq=Z.SEQ)
+    x = Z.random_tokens(seq=Z.SEQ)
     adapted = lora_fx.adapt(_Attention(kind, window).eval(), example_inputs=(x,), frontend="export")
     assert _calls(adapted) == (rewritten, 1 - rewritten)
 
@@ -122,20 +122,20 @@ def test_beyond_the_checked_sizes_the_mask_is_used():
     window cuts in and only the masked fallback gives the model's output (is_causal would attend too far back)."""
     torch.manual_seed(0)
     model = _Attention("window", window=20).eval()
-    adapted = lora_fx.adapt(model, example_inputs=(Z._tokens(seq=Z.SEQ),), frontend="export")
+    adapted = lora_fx.adapt(model, example_inputs=(Z.random_tokens(seq=Z.SEQ),), frontend="export")
     assert _calls(adapted) == (1, 0)
     with torch.no_grad():
         for seq in (16, 24):
-            x = Z._tokens(seq=seq, seed=3)
+            x = Z.random_tokens(seq=seq, seed=3)
             _close(adapted(x), model(x))
-        x = Z._tokens(seq=24, seed=3)
+        x = Z.random_tokens(seq=24, seed=3)
         q, k, v = model.qkv(x).unflatten(-1, (3, Z.HEADS, -1)).permute(2, 0, 3, 1, 4)
         causal = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
         assert (causal - model(x)).abs().max() > 1e-3  # at 24 the window matters, so the test can tell
 
 
 def test_compiles_fullgraph():
-    x = Z._tokens(seq=Z.SEQ)
+    x = Z.random_tokens(seq=Z.SEQ)
     adapted = lora_fx.adapt(_Attention("causal").eval(), example_inputs=(x,), frontend="export")
     assert _calls(adapted) == (1, 0)
     nn.init.normal_(adapted.lora_fx["qkv"].lora_B, std=0.1)

@@ -1,10 +1,10 @@
 """The model matrix of issue 4: every zoo model x front end, end to end, plus the cases that must be right.
 
-For each model (tests/models_zoo.py) and each front end that applies:
+For each model (tests/zoo/) and each front end that applies:
   test_matrix  adapt (B = 0: output unchanged, also at another batch / sequence length) -> 3 AdamW steps at
                lr 1e-2 on a fixed batch (eval loss after < before) -> fold: graph equal to the traced original,
                each weight folded exactly once (W = W0 + s·B·A), output equal to the adapted model's within
-               1e-5 x max(1, max|y|) (fp32: folding only reorders the sums, see models_zoo.FOLD_RTOL), the user's
+               1e-5 x max(1, max|y|) (fp32: folding only reorders the sums, see zoo.harness.FOLD_RTOL), the user's
                model untouched, and the LoRA visibly changed the output.
   test_onnx    export_onnx of the original model and of the merged one -> verify_onnx identical ->
                check_parity of ONNX Runtime against the merged module.
@@ -29,14 +29,14 @@ from torch import nn
 import lora_fx
 from lora_fx.passes.inject import BRANCH
 
-import models_zoo as Z
+import zoo as Z
 
 warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
 
 # ONNX steps that run in the fast set (small graphs); the other transformers models' ONNX steps are slow.
 FAST_ONNX = {"gpt2-sdpa", "llama-sdpa"}
 
-# Cases that fail today because of a bug found by this matrix: models_zoo.KNOWN_BUGS ("kind:case" -> bug id).
+# Cases that fail today because of a bug found by this matrix: zoo.catalogue.KNOWN_BUGS ("kind:case" -> bug id).
 
 
 def _cases(kind: str):
@@ -138,7 +138,7 @@ def test_onnx_structure_does_not_depend_on_equal_weight_values(tmp_path):
     if Z.onnx_available():
         pytest.skip(Z.onnx_available())
     torch.manual_seed(0)
-    model, x = _EqualValued().eval(), Z._tokens()
+    model, x = _EqualValued().eval(), Z.random_tokens()
     adapted = lora_fx.adapt(model, example_inputs=(x,), frontend="fx")
     for lora in adapted.lora_fx.values():
         nn.init.normal_(lora.lora_B, std=0.05)
@@ -251,7 +251,7 @@ def test_weight_read_by_another_op_is_not_folded_silently(frontend):
     """rules=None skips the shared table with a warning (the rest adapts and folds exactly); a rule that selects
     it raises, naming the other reader."""
     torch.manual_seed(0)
-    model, ids = TiedByUse().eval(), Z._ids()
+    model, ids = TiedByUse().eval(), Z.random_ids()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(lora_fx.RuleError, match="also read by") as info:
         lora_fx.adapt(model, lora_fx.Rule(), example_inputs=(ids,), frontend=frontend)
@@ -417,7 +417,7 @@ class LinearTwoWays(nn.Module):
 def test_rule_selecting_some_sites_of_a_weight_folds_exactly(frontend):
     """Either every site of the weight gets its LoRA, or adapt refuses; never a silent difference after fold."""
     torch.manual_seed(0)
-    model, x, y = LinearTwoWays().eval(), Z._tokens(), Z._tokens(seed=2)
+    model, x, y = LinearTwoWays().eval(), Z.random_tokens(), Z.random_tokens(seed=2)
     try:
         adapted = lora_fx.adapt(model, lora_fx.Rule(op="linear_module"), example_inputs=(x, y), frontend=frontend)
     except lora_fx.RuleError:
@@ -467,7 +467,7 @@ class _WithBlock(nn.Module):
 @pytest.mark.parametrize("frontend", ["fx", "auto"])
 def test_leaf_modules_kept_closed(frontend):
     torch.manual_seed(0)
-    x = Z._tokens()
+    x = Z.random_tokens()
     adapted = lora_fx.adapt(_WithBlock(), example_inputs=(x,), frontend=frontend, leaf_modules=["block"])
     assert [s.weight for s in lora_fx.graph(adapted).meta["lora_fx"].sites] == ["head.weight"]
 
@@ -499,7 +499,7 @@ def test_mha_cross_attention_in_proj_rows_are_sites(tmp_path):
     """The q rows and the k|v rows of in_proj_weight are two sites; each gets a LoRA on its rows, fold writes each
     delta into its rows only, and the merged export is the base export."""
     torch.manual_seed(0)
-    model, q, kv = _Cross().eval(), Z._tokens(seq=4), Z._tokens(seq=6, seed=2)
+    model, q, kv = _Cross().eval(), Z.random_tokens(seq=4), Z.random_tokens(seq=6, seed=2)
     plan = lora_fx.plan(model, example_inputs=(q, kv))
     rows = sorted(d.site.weight_rows for d in plan.decisions if d.site.weight == "attn.in_proj_weight")
     assert rows == [(0, Z.HIDDEN), (Z.HIDDEN, 3 * Z.HIDDEN)]
@@ -536,7 +536,7 @@ def test_a_row_slice_read_elsewhere_refuses_the_weight():
             return F.linear(x, self.w[:4]).sum(-1) + self.w[4:].sum()
 
     with pytest.raises(lora_fx.RuleError, match="also read by"):
-        lora_fx.adapt(Sliced(), lora_fx.Rule(r=2), example_inputs=(Z._tokens(),), frontend="fx")
+        lora_fx.adapt(Sliced(), lora_fx.Rule(r=2), example_inputs=(Z.random_tokens(),), frontend="fx")
 
 
 # ------------------------------------------------------------------------------------------------ trace errors

@@ -228,7 +228,7 @@ def test_exports_are_named_like_the_model(tmp_path, name, inputs, outputs):
     """Dynamic dims named as documented (one name for a dim inputs share), outputs after the model's fields, the
     same names in base, merged and unmerged files; a file traced at batch 1 runs at batch 3."""
     import lora_fx
-    import models_zoo as Z
+    import zoo as Z
 
     model, args, kwargs = getattr(Z, name)(batch=1)
     adapted = lora_fx.adapt(model, example_inputs=args, example_kwargs=kwargs)

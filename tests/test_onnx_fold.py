@@ -524,7 +524,7 @@ def test_a_folded_model_the_checker_refuses_is_not_blamed_on_the_disk(tmp_path):
 
 def test_square_weights_stored_in_out_fold_with_the_right_transpose(tmp_path):
     """Square (in, out) weights: a dropped transpose would still fit the shape, only the values show it."""
-    from tests.test_core import SquareInOut
+    from tests.test_fold import SquareInOut
 
     torch.manual_seed(0)
     model, x = SquareInOut().eval(), torch.randn(4, 16)

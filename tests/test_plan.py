@@ -16,7 +16,7 @@ import torch
 import lora_fx
 from lora_fx import Rule
 
-import models_zoo as Z
+import zoo as Z
 
 TWO_RULES = [Rule(role="attn.q", r=4, alpha=8), Rule(role="attn.v", r=2, alpha=4)]
 E = Z.HIDDEN

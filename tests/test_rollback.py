@@ -17,8 +17,8 @@ import torch
 import lora_fx
 from lora_fx import AdapterFileError, Rule
 
-import models_zoo as Z
-from test_bad_inputs import assert_unchanged, state
+import zoo as Z
+from bad_inputs import assert_unchanged, state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -17,7 +17,7 @@ from torch import nn
 import lora_fx
 from lora_fx import Rule
 
-import models_zoo as Z
+import zoo as Z
 
 
 class ConvNet(nn.Module):

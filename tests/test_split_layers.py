@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 import lora_fx
 from lora_fx.passes.infra import graph_signature
 
-import models_zoo as Z
+import zoo as Z
 from conftest import gloo_rank, randomize_lora, spawn_fsdp2
 
 RTOL = 1e-6

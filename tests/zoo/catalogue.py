@@ -1,4 +1,4 @@
-"""Tiny models for the coverage matrix: 2 layers, hidden 32-64, random weights, built from configs (offline).
+"""The model catalogue: tiny models for the coverage matrix (2 layers, hidden 32-64, random weights, built offline).
 
 Every builder returns ``(model, example_args, example_kwargs)`` with the model in eval mode and seeded weights.
 ``ZOO`` lists them as ``Entry`` records: the front ends that apply, whether the model is slow, whether its first
@@ -6,16 +6,11 @@ output is an LM's logits (loss: cross-entropy) or anything else (loss: MSE to a 
 make inputs of another batch / sequence size (for the dynamic-shape checks).
 
 transformers models are built from configs (no download); timm builders skip cleanly when timm is not installed
-(``pytest.importorskip``). Used by tests/test_models.py and benchmarks/coverage.py.
-
-The end of the file holds the steps both of them run on one (model, front end) case, so the tests and the coverage
-table measure exactly the same thing: ``run_case`` does adapt -> 3 AdamW steps -> fold -> ONNX export of the base
-model and of the merged one -> verify_onnx -> ONNX Runtime parity, recording every number in a ``CaseResult``.
+(``pytest.importorskip``). The steps run on each entry live in ``zoo.harness``.
 """
 
 from __future__ import annotations
 
-import copy
 
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,17 +40,17 @@ def _seeded(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def _ids(batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+def random_ids(batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-def _images(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
+def random_images(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, IMAGE, IMAGE, generator=g)
 
 
-def _tokens(batch: int = BATCH, seq: int = SEQ, dim: int = HIDDEN, seed: int = 1) -> torch.Tensor:
+def random_tokens(batch: int = BATCH, seq: int = SEQ, dim: int = HIDDEN, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, seq, dim, generator=g)
 
@@ -73,7 +68,7 @@ def _hf(config_cls: str, model_cls: str, attn: str | None, **config):
 
 def _ids_mask(batch: int = BATCH, seq: int = SEQ):
     # input_ids positionally, the attention mask as a keyword input (both paths are exercised)
-    return (_ids(batch, seq),), {"attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    return (random_ids(batch, seq),), {"attention_mask": torch.ones(batch, seq, dtype=torch.long)}
 
 
 def gpt2(attn: str = "sdpa", tie: bool = False, batch: int = BATCH, seq: int = SEQ):
@@ -130,16 +125,16 @@ def t5(attn: str = "eager", batch: int = BATCH, seq: int = SEQ):
                 d_ff=2 * HIDDEN, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=HEADS,
                 relative_attention_num_buckets=8, dropout_rate=0.0, use_cache=False, tie_word_embeddings=False,
                 decoder_start_token_id=0, pad_token_id=0)
-    ids = _ids(batch, seq)
+    ids = random_ids(batch, seq)
     return model, (ids,), {"attention_mask": torch.ones(batch, seq, dtype=torch.long),
-                           "decoder_input_ids": _ids(batch, seq, seed=2)}
+                           "decoder_input_ids": random_ids(batch, seq, seed=2)}
 
 
 def vit(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ):
     model = _hf("ViTConfig", "ViTForImageClassification", attn, image_size=IMAGE, patch_size=8,
                 hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                 intermediate_size=2 * HIDDEN, num_labels=10)
-    return model, (_images(batch),), {}
+    return model, (random_images(batch),), {}
 
 
 # sequence classifiers with a few labels: the head is narrower than the default r=8, so rules=None caps its r
@@ -175,7 +170,7 @@ def albert_cls(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ, labels: i
 def _timm(builder: Callable[[object], nn.Module], batch: int):
     timm = _importorskip("timm")
     _seeded()
-    return builder(timm).eval(), (_images(batch),), {}
+    return builder(timm).eval(), (random_images(batch),), {}
 
 
 def timm_vit(batch: int = BATCH, seq: int = SEQ):
@@ -211,7 +206,7 @@ def transformer_encoder(batch: int = BATCH, seq: int = SEQ):
     _seeded()
     layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=2 * HIDDEN, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
-    return model.eval(), (_tokens(batch, seq),), {}
+    return model.eval(), (random_tokens(batch, seq),), {}
 
 
 def transformer_decoder(batch: int = BATCH, seq: int = SEQ):
@@ -219,14 +214,14 @@ def transformer_decoder(batch: int = BATCH, seq: int = SEQ):
     _seeded()
     layer = nn.TransformerDecoderLayer(HIDDEN, HEADS, dim_feedforward=2 * HIDDEN, dropout=0.0, batch_first=True)
     model = nn.TransformerDecoder(layer, LAYERS)
-    return model.eval(), (_tokens(batch, seq), _tokens(batch, seq + 2, seed=2)), {}
+    return model.eval(), (random_tokens(batch, seq), random_tokens(batch, seq + 2, seed=2)), {}
 
 
 def mha(batch: int = BATCH, seq: int = SEQ):
     """nn.MultiheadAttention at top level, self-attention: packed in_proj_weight through F.linear."""
     _seeded()
     model = nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True)
-    x = _tokens(batch, seq)
+    x = random_tokens(batch, seq)
     return model.eval(), (x, x, x), {"need_weights": False}
 
 
@@ -248,7 +243,7 @@ class MHAWrapper(nn.Module):
 
 def mha_wrapped(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return MHAWrapper().eval(), (_tokens(batch, seq),), {}
+    return MHAWrapper().eval(), (random_tokens(batch, seq),), {}
 
 
 class NarrowHead(nn.Module):
@@ -264,7 +259,7 @@ class NarrowHead(nn.Module):
 
 def narrow_head(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return NarrowHead().eval(), (_tokens(batch, seq),), {}
+    return NarrowHead().eval(), (random_tokens(batch, seq),), {}
 
 
 class Functional(nn.Module):
@@ -285,7 +280,7 @@ class Functional(nn.Module):
 
 def functional(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return Functional().eval(), (_tokens(batch, seq),), {}
+    return Functional().eval(), (random_tokens(batch, seq),), {}
 
 
 class SharedWeight(nn.Module):
@@ -302,7 +297,7 @@ class SharedWeight(nn.Module):
 
 def shared_weight(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return SharedWeight().eval(), (_tokens(batch, seq), _tokens(batch, seq, seed=2)), {}
+    return SharedWeight().eval(), (random_tokens(batch, seq), random_tokens(batch, seq, seed=2)), {}
 
 
 class ConvBN(nn.Module):
@@ -321,7 +316,7 @@ class ConvBN(nn.Module):
 
 def conv_bn(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return ConvBN().eval(), (_images(batch),), {}
+    return ConvBN().eval(), (random_images(batch),), {}
 
 
 class TiedLM(nn.Module):
@@ -340,7 +335,7 @@ class TiedLM(nn.Module):
 
 def tied_lm(batch: int = BATCH, seq: int = SEQ):
     _seeded()
-    return TiedLM().eval(), (_ids(batch, seq),), {}
+    return TiedLM().eval(), (random_ids(batch, seq),), {}
 
 
 def gpt2_tied(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ):
@@ -443,317 +438,3 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in ZOO} | EXTRAS
 # Bugs this matrix found (reported with a repro and a proposed fix), and the cases they make fail today.
 BUGS: dict[str, str] = {}  # bug id -> what is wrong; empty: every bug this matrix found is fixed
 KNOWN_BUGS: dict[str, str] = {}  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
-
-
-# ------------------------------------------------------------------------------------------------ the pipeline
-# Fold parity tolerance, relative to the output's scale (max |y|, at least 1). Folding changes the order of the
-# floating-point sums: x·(W0 + s·B·A)ᵀ is rounded once per weight, x·W0ᵀ + s·((x·Aᵀ)·Bᵀ) rounds its two products and
-# their sum separately. Each matmul of K = 32..64 terms is off by about K·eps relative (fp32 eps = 1.2e-7: ~4e-6),
-# and 2 layers with residuals, normalisations and softmax carry that to the output: 1e-5 relative holds with
-# margin in fp32 while a fold that dropped or doubled a LoRA (delta ~1e-2 after 3 steps at lr 1e-2) is far above.
-# bf16 weights (--dtype bfloat16) round W0 + delta to 8 bits of mantissa once (eps = 7.8e-3): 5e-2 relative.
-FOLD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-ORT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-STEPS, LR = 3, 1e-2
-
-
-def first_output(out) -> torch.Tensor:
-    """The first tensor of a model's output (logits, last_hidden_state, ...)."""
-    from lora_fx.passes.trace import flatten_outputs
-    tensors = flatten_outputs(out)
-    if not tensors:
-        raise TypeError(f"the model returned no tensor ({type(out).__name__})")
-    return tensors[0]
-
-
-def to_device(value, device, dtype=None):
-    """Tensors of nested args/kwargs to `device`; floating ones to `dtype` too (ids and masks keep theirs)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device, dtype) for v in value)
-    return value
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(max |a - b|, output scale max(1, max |b|)), in fp32."""
-    a, b = a.detach().float(), b.detach().float()
-    if a.shape != b.shape:
-        raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return (a - b).abs().max().item(), max(1.0, b.abs().max().item())
-
-
-class Loss:
-    """A fixed task on the example batch: cross-entropy to fixed random labels for LMs, MSE to a fixed random
-    target otherwise. Fixed (seeded) so the first and last loss are comparable."""
-
-    def __init__(self, entry: Entry, reference: torch.Tensor):
-        g = torch.Generator().manual_seed(1234)
-        self.lm = entry.lm
-        if self.lm:
-            self.target = torch.randint(0, reference.shape[-1], reference.shape[:-1], generator=g)
-        else:
-            self.target = torch.randn(reference.shape, generator=g)
-        self.target = self.target.to(reference.device)
-
-    def __call__(self, out) -> torch.Tensor:
-        y = first_output(out).float()
-        if self.lm:
-            return F.cross_entropy(y.reshape(-1, y.shape[-1]), self.target.reshape(-1))
-        return F.mse_loss(y, self.target)
-
-
-def _autocast(device: str, dtype: torch.dtype):
-    import contextlib
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def train_steps(adapted: nn.Module, args: tuple, kwargs: dict, loss: Loss, *, steps: int = STEPS, lr: float = LR,
-                device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[float]:
-    """`steps` AdamW steps on the LoRA parameters (train mode); returns the eval-mode loss on the same batch
-    before the first step and after each step (steps + 1 values)."""
-    import lora_fx
-
-    def eval_loss() -> float:
-        adapted.eval()
-        with torch.no_grad(), _autocast(device, dtype):
-            return loss(adapted(*args, **kwargs)).item()
-
-    params = list(lora_fx.lora_parameters(adapted))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = [eval_loss()]
-    for _ in range(steps):
-        adapted.train()
-        with _autocast(device, dtype):
-            value = loss(adapted(*args, **kwargs))
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        losses.append(eval_loss())
-    adapted.eval()
-    return losses
-
-
-@dataclass
-class CaseResult:
-    """Everything the matrix measures on one (model, front end) case."""
-
-    model: str
-    frontend: str
-    status: str = "fail"  # "pass", "fail", "skip"
-    step: str = ""  # the step that failed or skipped
-    error: str = ""  # first line of the error
-    frontend_used: str = ""
-    sites: int | None = None  # candidate sites the match pass found
-    adapted_sites: int | None = None  # sites that got a LoRA branch
-    loras: int | None = None  # LoRA modules (one per weight)
-    start_err: float | None = None  # |adapted - model| / scale before training (B = 0: ~0)
-    dynamic_err: float | None = None  # the same at another batch / sequence size
-    losses: list = field(default_factory=list)  # eval loss before training and after each step
-    fold_err: float | None = None  # |folded - adapted| / scale on the example inputs
-    fold_dyn_err: float | None = None  # the same at the other batch / sequence size
-    lora_effect: float | None = None  # |folded - model| / scale: training changed the output
-    verify_identical: bool | None = None
-    verify_differences: list = field(default_factory=list)
-    ort_err: float | None = None  # max |ORT - merged module| over all outputs (absolute)
-    ort_ok: bool | None = None  # lora_fx.check_parity's verdict (its dtype tolerances)
-    ort_provider: str = ""
-    seconds: dict = field(default_factory=dict)
-
-    @property
-    def loss_first(self):
-        return self.losses[0] if self.losses else None
-
-    @property
-    def loss_last(self):
-        return self.losses[-1] if self.losses else None
-
-
-class CaseFailure(AssertionError):
-    """A check of the matrix failed (as opposed to an exception raised by lora_fx or the model)."""
-
-
-class Case:
-    """One (model, front end) case run step by step; each step fills `result` and raises on failure.
-
-        case = Case(entry, "export"); case.build(); case.adapt(); case.train(); case.fold(); case.onnx(tmp)
-    """
-
-    def __init__(self, entry: Entry, frontend: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 ort_device: str = "cpu"):
-        self.entry, self.frontend, self.device, self.dtype = entry, frontend, device, dtype
-        self.ort_device = ort_device  # lora_fx.check_parity(device=...): "cpu", "cuda" or "auto"
-        self.result = CaseResult(entry.name, frontend)
-        self.fold_rtol = FOLD_RTOL[dtype]
-
-    # -------------------------------------------------------------- step bookkeeping
-    def _start(self, step: str) -> None:
-        import time
-        self.result.step = step
-        self._t0 = time.perf_counter()
-
-    def _end(self) -> None:
-        import time
-        self.result.seconds[self.result.step] = round(time.perf_counter() - self._t0, 2)
-
-    @staticmethod
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise CaseFailure(message)
-
-    def _rel(self, got, want) -> float:
-        err, scale = max_err(got, want)
-        return err / scale
-
-    def _run(self, module, other: bool = False) -> torch.Tensor:
-        args, kwargs = (self.other_args, self.other_kwargs) if other else (self.args, self.kwargs)
-        with torch.no_grad(), _autocast(self.device, self.dtype):
-            return first_output(module(*args, **kwargs))
-
-    # -------------------------------------------------------------- steps
-    def build(self) -> None:
-        self._start("build")
-        e = self.entry
-        model, args, kwargs = e()
-        _, other_args, other_kwargs = e(batch=OTHER_BATCH, seq=OTHER_SEQ if e.dynamic_seq else SEQ)
-        self.model = model.to(self.device, self.dtype)
-        self.args, self.kwargs = to_device(args, self.device, self.dtype), to_device(kwargs, self.device, self.dtype)
-        self.other_args = to_device(other_args, self.device, self.dtype)
-        self.other_kwargs = to_device(other_kwargs, self.device, self.dtype)
-        self.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.reference, self.other_reference = self._run(self.model), self._run(self.model, other=True)
-        self._end()
-
-    def adapt(self, **options) -> None:
-        """adapt; B = 0 so the adapted model equals the model, at the example shapes and at other ones
-        (torch.export traces with Dim.AUTO: batch and sequence stay dynamic)."""
-        import lora_fx
-        self._start("adapt")
-        r = self.result
-        self.adapted = lora_fx.adapt(self.model, example_inputs=self.args, example_kwargs=self.kwargs,
-                                     frontend=self.frontend, **{**self.entry.options, **options})
-        self.state = lora_fx.graph(self.adapted).meta["lora_fx"]
-        r.frontend_used = self.state.frontend
-        r.sites = len(self.state.sites)
-        r.adapted_sites = sum(d.adapted for d in self.state.decisions)
-        r.loras = len(self.adapted.lora_fx)
-        self.adapted.eval()
-        r.start_err = self._rel(self._run(self.adapted), self.reference)
-        self.check(r.start_err <= self.fold_rtol, f"adapted model (B = 0) differs from the model: {r.start_err:.2e}")
-        self._end()
-        self._start("dynamic")
-        r.dynamic_err = self._rel(self._run(self.adapted, other=True), self.other_reference)
-        self.check(r.dynamic_err <= self.fold_rtol,
-                   f"adapted model at batch {OTHER_BATCH} / another sequence length differs: {r.dynamic_err:.2e}")
-        self._end()
-
-    def train(self, steps: int = STEPS, lr: float = LR) -> None:
-        self._start("train")
-        r = self.result
-        r.losses = train_steps(self.adapted, self.args, self.kwargs, Loss(self.entry, self.reference), steps=steps,
-                               lr=lr, device=self.device, dtype=self.dtype)
-        self.check(all(v == v for v in r.losses), f"loss is NaN: {r.losses}")
-        self.check(r.losses[-1] < r.losses[0], f"loss did not fall in {steps} steps: {r.losses}")
-        changed = [k for k, v in self.model.state_dict().items() if not torch.equal(v, self.before[k])]
-        self.check(not changed, f"LoRA training changed the user's model (base in train mode): {changed[:4]}")
-        self._end()
-
-    def fold(self) -> None:
-        """fold (inplace=False): the graph equals the traced original, the output equals the adapted model's
-        (FOLD_RTOL), the user's model is untouched, and the LoRA did change the output."""
-        import lora_fx
-        from lora_fx.passes.infra import first_difference, graph_signature
-        self._start("fold")
-        r = self.result
-        self.merged = lora_fx.fold(self.adapted)
-        self.check("lora_fx" not in self.merged._modules, "the folded module still holds the LoRA container")
-        folded_graph = lora_fx.fold(lora_fx.graph(self.adapted))  # the graph-level fold: the graph as traced
-        difference = first_difference(self.state.original_graph, graph_signature(folded_graph.graph))
-        self.check(difference is None, f"folded graph differs from the traced original: {difference}")
-        self.adapted.eval()
-        self.merged.eval()
-        self.y_adapted = self._run(self.adapted)
-        self.y_merged = self._run(self.merged)
-        r.fold_err = self._rel(self.y_merged, self.y_adapted)
-        r.fold_dyn_err = self._rel(self._run(self.merged, other=True), self._run(self.adapted, other=True))
-        r.lora_effect = self._rel(self.y_merged, self.reference)
-        changed = [k for k, v in self.model.state_dict().items() if not torch.equal(v, self.before[k])]
-        self.check(not changed, f"fold(inplace=False) changed the user's model: {changed[:5]}")
-        self.check(r.fold_err <= self.fold_rtol,
-                   f"folded model differs from the adapted one: {r.fold_err:.2e} > {self.fold_rtol:g} (relative)")
-        self.check(r.fold_dyn_err <= self.fold_rtol,
-                   f"folded model differs from the adapted one at another batch/seq: {r.fold_dyn_err:.2e}")
-        self.check(r.lora_effect > 5 * max(r.fold_err, FOLD_RTOL[torch.float32]),
-                   f"the trained LoRA changed nothing beyond rounding: |folded - model| = {r.lora_effect:.2e}, "
-                   f"|folded - adapted| = {r.fold_err:.2e}")
-        self._end()
-
-    def fx_half(self) -> CaseResult:
-        self.build()
-        self.adapt()
-        self.train()
-        self.fold()
-        self.result.status, self.result.step = "pass", ""
-        return self.result
-
-    def onnx(self, out_dir) -> CaseResult:
-        """Export the base model and the merged one with lora_fx.export_onnx, verify_onnx them (identical
-        structure), and check ONNX Runtime against the merged module with lora_fx.check_parity."""
-        import pathlib
-
-        import lora_fx
-        self.result.status = "fail"
-        self._start("onnx")
-        r = self.result
-        out_dir = pathlib.Path(out_dir)
-        stem = f"{self.entry.name}-{self.frontend}"
-        self.base_path, self.merged_path = out_dir / f"{stem}-base.onnx", out_dir / f"{stem}-merged.onnx"
-        lora_fx.export_onnx(self.model, self.base_path, self.args, self.kwargs)
-        lora_fx.export_onnx(self.merged, self.merged_path, self.args, self.kwargs)
-        self._end()
-
-        self._start("verify")
-        report = lora_fx.verify_onnx(self.base_path, self.merged_path)
-        r.verify_identical, r.verify_differences = bool(report.identical), list(report.differences)
-        self.check(r.verify_identical, f"merged ONNX differs from the base ONNX: {r.verify_differences[:3]}")
-        self._end()
-
-        self._start("ort")
-        if self.dtype == torch.float32:
-            parity = lora_fx.check_parity(self.merged_path, self.merged, self.args, self.kwargs,
-                                          device=self.ort_device)
-        else:
-            # ONNX Runtime has no bf16 kernel for most ops (and rejects bf16 Conv, BatchNorm, ... at load), and a
-            # graph traced in bf16 keeps its dtype casts when cast to fp32: put the merged weights into a fresh
-            # fp32 copy of the model on the CPU (no TF32 there), export that, and check ORT against it. The bf16
-            # files themselves are what verify compared above.
-            model32, args32, kwargs32 = self.entry()
-            merged = self.merged.state_dict()
-            missing = [k for k, _ in model32.named_parameters() if k not in merged]
-            self.check(not missing, f"merged weights do not name the model's parameters: {missing[:4]}")
-            model32.load_state_dict({k: v.float().cpu() for k, v in merged.items()}, strict=False)
-            fp32_path = out_dir / f"{stem}-merged-fp32.onnx"
-            lora_fx.export_onnx(model32, fp32_path, args32, kwargs32)
-            parity = lora_fx.check_parity(fp32_path, model32, args32, kwargs32, device=self.ort_device)
-            r.error = f"(ORT ran an fp32 export of the merged {str(self.dtype).removeprefix('torch.')} weights)"
-        r.ort_err, r.ort_ok, r.ort_provider = float(parity.max_abs_err), bool(parity.ok), parity.provider
-        self.check(r.ort_ok, f"ONNX Runtime differs from the merged module: max abs err {r.ort_err:.2e} "
-                             f"(atol {parity.atol:g}, rtol {parity.rtol:g})")
-        self._end()
-        r.status, r.step = "pass", ""
-        return r
-
-
-def onnx_available() -> str | None:
-    """None when lora_fx's ONNX half (export, verify, runtime) imports, else why not."""
-    try:
-        import lora_fx.onnx_export  # noqa: F401
-        import lora_fx.onnx_verify  # noqa: F401
-        import lora_fx.runtime  # noqa: F401
-    except ImportError as e:
-        return f"lora_fx ONNX half not available: {e}"
-    return None

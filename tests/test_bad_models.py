@@ -1,0 +1,64 @@
+"""Bad inputs, models: models lora_fx cannot take: empty, nothing to adapt, untraceable, mode-dependent.
+
+What each case checks: tests/bad_inputs.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import lora_fx
+
+from bad_inputs import state, assert_unchanged, expect, ModeDependent
+
+
+def test_empty_model():
+    model = nn.Sequential()
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),)),
+           "no linear-like site", "Sequential")
+    assert list(model.modules()) == [model]
+
+
+def test_model_without_linear_sites():
+    model = nn.Sequential(nn.ReLU(), nn.LayerNorm(4))
+    before = state(model)
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),)),
+           "no linear-like site", "open_modules")
+    assert_unchanged(model, before)
+
+
+def test_model_that_no_front_end_traces():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    model = DataDependent()
+    before = state(model)
+    expect(lora_fx.TraceError, lambda: lora_fx.adapt(model, example_inputs=(torch.ones(2, 4),), r=2),
+           "torch.fx symbolic tracing", "torch.export", "DataDependent")
+    assert_unchanged(model, before)
+
+
+def test_model_in_train_mode_with_a_mode_dependent_forward():
+    """Not an error: the adapted model runs the forward's train branch in train mode and its eval branch in eval
+    mode, as the model does (F.dropout(training=self.training) is common); the model keeps its mode."""
+    torch.manual_seed(0)
+    model, x = ModeDependent().train(), torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapted = lora_fx.adapt(model, example_inputs=(x,), r=2, frontend="fx")
+    assert model.training
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model(x), rtol=0, atol=0)  # the train branch ("* 2")
+        adapted.eval()
+        torch.testing.assert_close(adapted(x), model.fc(x), rtol=0, atol=0)  # the eval branch
+    assert not any(p.requires_grad for p in model.parameters())  # adapt went through (and froze the base)
+
+
