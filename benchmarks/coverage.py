@@ -6,7 +6,7 @@
                                                             # the GPU run: bf16 base weights and autocast,
                                                             # LoRA in fp32; its table is added to the file
 
-Runs the same steps as tests/test_models.py (tests/models_zoo.py: Case): adapt -> 3 AdamW steps -> fold ->
+Runs the same steps as tests/test_models.py (tests/zoo/harness.py: Case): adapt -> 3 AdamW steps -> fold ->
 export_onnx of the base and merged models -> verify_onnx -> check_parity (ONNX Runtime). For each case it records
 the sites found, LoRA-adapted sites and LoRA modules, loss first/last, the fold error, verify's verdict, the ORT
 error, and pass/fail with the failing step and the first line of its error. A failure never stops the run.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
-import models_zoo as Z  # noqa: E402
+import zoo as Z  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,7 +193,7 @@ def section(results, args, elapsed: float) -> str:
 HEADER = """# Coverage: models x front ends through lora_fx
 
 Produced by `benchmarks/coverage.py` (do not edit by hand; re-run it). Each row is one tiny model (2 layers,
-hidden 32-64, random weights, built offline from a config; tests/models_zoo.py) through one front end:
+hidden 32-64, random weights, built offline from a config; tests/zoo/) through one front end:
 adapt every linear-like site (r=8, alpha=16) -> 3 AdamW steps (lr 1e-2) on a fixed batch -> fold -> ONNX export of
 the original model and of the merged one -> verify_onnx -> ONNX Runtime parity.
 
