@@ -1,11 +1,19 @@
-"""lora_fx's compiler passes over torch.fx graphs, one file a pass.
+"""lora_fx's compiler passes over torch.fx graphs, one file a pass, in pipeline order.
 
-    trace   model            -> GraphModule      (symbolic tracing, or torch.export when that fails)
-    match   GraphModule      -> [Site]           (every linear-like call on a parameter)
-    roles   GraphModule      -> {node: roles}    (q/k/v/out/mlp found from the graph's structure)
-    inject  GraphModule      -> GraphModule      (a LoRA branch beside each chosen site)
-    fold    GraphModule      -> GraphModule      (B·A folded into W0, every LoRA node removed)
+    trace             model, call       -> GraphModule        symbolic tracing, or torch.export when that fails
+    match             GraphModule       -> [Site]             every linear-like call on a parameter (site kinds)
+    roles             [Site]            -> [Site] with roles  q/k/v/out/mlp found from the graph's structure
+    packed_rows       packed weight     -> rows per role      a fused qkv's row ranges, or why they were lost
+    inject            GraphModule       -> GraphModule        a LoRA branch and an add beside each chosen site
+    causal_attention  GraphModule       -> GraphModule        SDPA with a provably causal mask runs is_causal=True
+    capture           a new call        -> key, GraphModule   calls of the adapted model traced through these passes
+    split_layers      GraphModule       -> layer view         one submodule per layer (checkpointing, FSDP2)
+    fold              GraphModule       -> GraphModule        W0 + (alpha/r)·B·A, every LoRA node removed
+    onnx_fold         ONNX model        -> ONNX model         the same fold on an unmerged ONNX export (onnxscript)
 
-Each pass takes a GraphModule and returns a result that says what it changed (as torch.fx.passes.infra does).
-Installed as `lora_fx.passes`.
+    infra             what the passes share: PassResult, graph signatures, module cloning, frozen norms
+
+lora_fx/api.py (`adapt_model`) runs them in this order; docs/architecture.md draws the pipeline. Each pass takes a
+GraphModule and returns a result that says what it changed (as torch.fx.passes.infra does). Installed as
+`lora_fx.passes`.
 """
