@@ -35,6 +35,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from lora_fx import submodule_calls
 from lora_fx.errors import InputError, LoraFxError
 from lora_fx.passes.capture import CallSpec, bind, call_key
 from lora_fx.passes.infra import frozen_norms, shallow_clone
@@ -257,7 +258,7 @@ def core(adapted: nn.Module) -> nn.Module:
     plain = shallow_copy(adapted, adapted.__dict__.get("_lora_fx_class", type(adapted)))
     for name in [n for n in plain._modules if is_container(n)]:
         del plain._modules[name]
-    return plain
+    return submodule_calls.unhooked(plain, adapted)  # graphs add each LoRA themselves
 
 
 def user_model(adapted: nn.Module) -> nn.Module:
@@ -277,20 +278,13 @@ def capture_info(adapted: nn.Module) -> dict[str, Any]:
 
 
 def eager_with_hooks(adapted: nn.Module, arguments: dict[str, Any]) -> Any:
-    """Run the original forward with each enabled LoRA added by a forward hook on the module that owns its weight,
-    for calls no graph can take. Covers modules that call their own weight (nn.Linear, GPT-2's Conv1D, nn.Conv*d,
-    nn.Embedding); a LoRA on a bare parameter used by F.linear/matmul cannot be hooked: LoraFxError."""
+    """Run the original forward eagerly, for calls no graph can take: each enabled LoRA is added by the forward
+    hook lora_fx.submodule_calls put on the module owning its weight (nn.Linear, GPT-2's Conv1D, nn.Conv*d,
+    nn.Embedding). A LoRA on a bare parameter used by F.linear/matmul cannot be hooked: LoraFxError."""
     calls: Calls = adapted.__dict__[CALLS]
     state: LoraState = adapted.__dict__[STATE_KEY]
-    hooks, unhookable = [], []
-    for container in state.containers(adapted).values():
-        for lora in container.values():
-            owner_name, _, leaf = lora.weight_name.rpartition(".")
-            owner = adapted.get_submodule(owner_name)
-            if leaf != "weight" or lora.output_rows is not None or owner is adapted:
-                unhookable.append(lora.weight_name)
-            elif lora.enabled:
-                hooks.append((owner, lora))
+    unhookable = [lora.weight_name for container in state.containers(adapted).values() for lora in container.values()
+                  if not lora.weight_name.endswith(".weight") or lora.output_rows is not None]
     if unhookable:
         raise LoraFxError(
             f"this call has an argument no graph can hold ({_uncapturable(arguments)}), and the LoRA on "
@@ -298,13 +292,7 @@ def eager_with_hooks(adapted: nn.Module, arguments: dict[str, Any]) -> Any:
             fix="call the model with tensors, plain constants and transformers' DynamicCache (e.g. generate with "
                 "the default cache, not cache_implementation='static')")
     calls.fallbacks += 1
-    handles = [owner.register_forward_hook(lambda module, inputs, out, lora=lora: out + lora(inputs[0]))
-               for owner, lora in hooks]
-    try:
-        return adapted.__dict__["_lora_fx_class"].forward(adapted, **arguments)
-    finally:
-        for handle in handles:
-            handle.remove()
+    return adapted.__dict__["_lora_fx_class"].forward(adapted, **arguments)  # the hooks of submodule_calls
 
 
 def _uncapturable(arguments: dict[str, Any]) -> str:

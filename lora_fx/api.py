@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx import adapted as adapted_model
+from lora_fx import submodule_calls
 from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError, warn
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
@@ -190,6 +191,7 @@ def _add_branches(owner: nn.Module, state: LoraState, adapter: str, decisions: l
     log.info("lora_fx: adapter %r: %s", adapter, "; ".join(changes))
     container.train(owner.training)  # new modules start in training mode: an eval-mode model must not drop out
     owner.add_module(container_name(adapter), container)
+    submodule_calls.attach(owner, container)  # direct calls of its modules (adapted.model(...)) carry the LoRA too
     state.adapters[adapter] = {key: lora.weight_name for key, lora in container.items()}
 
 

@@ -176,6 +176,43 @@ def test_pickle_and_deepcopy_keep_the_model_working():
             assert torch.allclose(copied(input_ids=x).logits, pm(input_ids=x).logits, atol=ATOL)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_a_model_adapted_on_the_cpu_trains_on_the_gpu():
+    """Adapted on the CPU from a batch-1 example (torch.export bakes the CPU into the graph), then .to("cuda"): the
+    graphs are captured again there, and training under bf16 autocast gives PEFT's losses from the same adapter (bf16
+    autocast: each matmul rounds to 8 mantissa bits, ~1e-2 on a loss of ~4.6), eager and under torch.compile."""
+    adapted, pm, _ = pair()
+    adapted.to("cuda")
+    pm.to("cuda")
+    x, mask = (t.cuda() for t in left_padded(batch=4, seq=8))
+    labels = x.masked_fill(mask == 0, -100)
+
+    def losses(model, steps=5):
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in model.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        out = []
+        for _ in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            assert all(p.grad is not None and p.grad.is_cuda for p in params)
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    start = {k: v.clone() for k, v in lora_fx.lora_state_dict(adapted).items()}
+    ours, theirs = losses(adapted), losses(pm)
+    assert ours[-1] < ours[0] and max(abs(a - b) for a, b in zip(ours, theirs)) < 2e-2, (ours, theirs)
+    with torch.no_grad():
+        for k, v in lora_fx.lora_state_dict(adapted).items():
+            v.copy_(start[k])
+    compiled = torch.compile(adapted)
+    assert max(abs(a - b) for a, b in zip(losses(compiled), theirs)) < 2e-2
+
+
 # ------------------------------------------------------------------------------------------------ Trainer
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, rows):
@@ -314,3 +351,82 @@ def test_peft_sequence_classification_adapters_load_and_save_back(tmp_path):
         again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
     with torch.no_grad():
         assert torch.allclose(again(input_ids=x).logits, want, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------------ parts of the model
+def test_direct_calls_of_submodules_carry_the_lora():
+    """Clients call parts of the model (TRL runs model.base_model and the LM head apart): the backbone of the adapted
+    model gives PEFT's backbone output; the user's model gets no hook; disabled adapters add nothing."""
+    adapted, pm, base = pair()
+    x = ids(2, 6)
+    with torch.no_grad():
+        ours, theirs = adapted.model(x).last_hidden_state, pm.base_model.model.model(x).last_hidden_state
+        assert torch.allclose(ours, theirs, atol=ATOL) and not torch.allclose(ours, base.model(x).last_hidden_state)
+        assert torch.allclose(adapted(x).logits, pm(x).logits, atol=ATOL)  # the graph adds each LoRA once
+        with lora_fx.disable_adapters(adapted):
+            assert torch.equal(adapted.model(x).last_hidden_state, base.model(x).last_hidden_state)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+
+
+class BareParameter(torch.nn.Module):
+    """A LoRA on a bare parameter (F.linear on it) is applied by graphs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Module()
+        self.inner.w = torch.nn.Parameter(torch.randn(8, 8))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(x, self.inner.w))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_direct_calls_in_symbolic_and_export_graphs_and_a_bare_parameter(frontend):
+    torch.manual_seed(0)
+    model, x = BareParameter(), torch.randn(3, 8)
+    adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_()
+        h = torch.nn.functional.linear(x, model.inner.w) + adapted.lora_fx["inner_w"](x)
+        assert torch.allclose(adapted.head(h), adapted(x), atol=ATOL)  # head called directly: its LoRA, once
+    inner = torch.nn.Module.__call__.__get__(adapted.inner)
+    with pytest.raises(lora_fx.LoraFxError, match="bare") as info:
+        inner()
+    assert "inner" in str(info.value) and "How to fix" in str(info.value)
+
+
+def test_trl_sft_trainer_trains_it_with_peft_losses(tmp_path):
+    """TRL's SFTTrainer (a fused LM head: it calls the backbone and lm_head apart) from the same adapter: per-step
+    losses equal to PEFT's (same fp32 ops on CPU; 1e-4 as for Trainer)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                     eos_token="</s>")
+    data = datasets.Dataset.from_dict({"text": [" ".join(f"w{(i + j) % 90}" for j in range(4 + i % 5))
+                                                for i in range(16)]})
+    adapted, _, base = pair()
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), _saved(adapted, tmp_path), is_trainable=True)
+
+    def losses(model, name):
+        args = trl.SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=3,
+                             logging_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             seed=0)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    ours, theirs = losses(adapted, "ours"), losses(pm, "peft")
+    assert len(ours) == 3 and max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-4, (ours, theirs)
+
+
+def _saved(adapted, tmp_path):
+    folder = tmp_path / "peft"
+    lora_fx.save_peft_adapter(adapted, folder)
+    return str(folder)

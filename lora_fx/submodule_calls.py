@@ -1,0 +1,108 @@
+"""LoRA on direct calls of the adapted model's submodules, as PEFT users get it.
+
+Clients call parts of a model, not only the model: TRL's SFTTrainer runs `model.base_model(...)` and the LM head on
+its own, pipelines call `get_decoder()`, users call `adapted.model.layers[3]` while debugging. Those calls never reach
+lora_fx's graphs, so without this the LoRA would be silently missing from them.
+
+So the adapted model's tree holds, at every module that owns an adapted weight (an nn.Linear, GPT-2's Conv1D, a
+convolution, an embedding), its own clone of that module (the same parameter and buffer dicts, so the same tensors,
+device moves and FSDP shards) with a forward hook adding that weight's enabled LoRA branches. The graphs are traced
+from a tree with the original, unhooked modules at those places (`unhooked`), so they add each branch once, in the
+graph. A module whose adapted weight only a graph can reach (a bare parameter used by F.linear / matmul, a slice of
+a packed weight) gets a pre-hook that refuses the direct call with a clear error instead of running without LoRA.
+The user's model is never touched: every clone lives in the adapted model's own tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lora_fx.errors import LoraFxError
+
+ORIGINALS = "_lora_fx_unhooked"  # adapted.__dict__ key: {module path: the unhooked module the graphs use}
+
+
+class AddLora:
+    """Forward hook: the module's output plus one LoRA branch of its weight (nothing when the branch is disabled)."""
+
+    def __init__(self, lora: nn.Module):
+        self.lora = lora
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
+        if not self.lora.enabled:
+            return None
+        return output + self.lora(inputs[0])
+
+
+class GraphOnly:
+    """Forward pre-hook on a module whose LoRA only the adapted model's graphs can apply."""
+
+    def __init__(self, path: str, weights: list[str]):
+        self.path, self.weights = path, weights
+
+    def __call__(self, module: nn.Module, inputs: tuple) -> None:
+        raise LoraFxError(
+            f"{self.path or 'this module'} was called on its own, and its LoRA on {self.weights} sits on a bare "
+            "parameter (F.linear / matmul on it) or on a slice of a packed weight, which only the adapted model's "
+            "own forward (its captured graphs) can apply", where=self.path or type(module).__name__,
+            fix="call the adapted model itself; or adapt with rules that choose module sites (nn.Linear and the like), "
+                "whose LoRA also applies when their module is called directly")
+
+
+def _owned(adapted: nn.Module, path: str) -> nn.Module:
+    """The module at `path` in the adapted model's own tree: every module on the way is replaced by a clone (its own
+    child dict and hooks, the same parameter and buffer dicts) unless it is one already."""
+    originals: dict[str, nn.Module] = adapted.__dict__.setdefault(ORIGINALS, {})
+    parent, walked = adapted, []
+    for name in path.split(".") if path else []:
+        walked.append(name)
+        child = parent._modules[name]
+        here = ".".join(walked)
+        if here not in originals:
+            originals[here] = child
+            clone = object.__new__(type(child))
+            clone.__dict__ = dict(child.__dict__)
+            for attr in ("_modules", "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+                if attr in clone.__dict__:
+                    clone.__dict__[attr] = type(child.__dict__[attr])(child.__dict__[attr])
+            parent._modules[name] = child = clone
+        parent = child
+    return parent
+
+
+def attach(adapted: nn.Module, container: nn.ModuleDict) -> None:
+    """Hook every LoRA branch of `container` onto the module owning its weight, in the adapted model's tree."""
+    refused: dict[str, list[str]] = {}
+    for lora in container.values():
+        owner_path, _, leaf = lora.weight_name.rpartition(".")
+        if leaf == "weight" and lora.output_rows is None and owner_path:
+            _owned(adapted, owner_path).register_forward_hook(AddLora(lora))
+        elif owner_path:
+            refused.setdefault(owner_path, []).append(lora.weight_name)
+    for path, weights in refused.items():
+        _owned(adapted, path).register_forward_pre_hook(GraphOnly(path, weights))
+
+
+def unhooked(plain: nn.Module, adapted: nn.Module) -> nn.Module:
+    """`plain` (a shallow copy of the adapted model) with the original, unhooked module at every hooked place, for
+    graphs to be traced from: the hooked clones share their tensors with these, so graphs read the same weights."""
+    originals: dict[str, nn.Module] = adapted.__dict__.get(ORIGINALS, {})
+    for path in sorted(originals, key=lambda p: p.count(".")):
+        *above, name = path.split(".")
+        parent = plain
+        for part in above:
+            parent = parent._modules[part]
+        child = parent._modules[name]
+        if any(p.startswith(path + ".") for p in originals):  # an ancestor: keep its children, fresh dict
+            clone = object.__new__(type(child))
+            clone.__dict__ = dict(child.__dict__)
+            clone.__dict__["_modules"] = dict(child.__dict__["_modules"])
+            for attr in ("_forward_hooks", "_forward_pre_hooks"):
+                clone.__dict__[attr] = type(originals[path].__dict__[attr])(originals[path].__dict__[attr])
+            parent._modules[name] = clone
+        else:
+            parent._modules[name] = originals[path]
+    return plain
