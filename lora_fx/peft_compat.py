@@ -93,8 +93,8 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
                        f"to the original model)")
     if refused:
         raise AdapterFileError("the PEFT adapter uses features lora_fx does not support: " + "; ".join(refused),
-                               where=where, fix="train a plain LoRA adapter (use_dora=False, bias='none', no "
-                                                "modules_to_save), or merge it with PEFT's merge_and_unload")
+                               where=where, fix="train a plain LoRA adapter (use_dora=False, bias='none'; "
+                                                "modules_to_save is fine), or merge it with PEFT's merge_and_unload")
     peft_config.check_fields(config, where)
     if not (path / PEFT_WEIGHTS).is_file():
         fix = ("this adapter is saved as a pickle (adapter_model.bin), which lora_fx never loads: re-save it with "
@@ -124,8 +124,8 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     if odd:
         raise AdapterFileError(f"the PEFT adapter holds tensors that are not plain LoRA A/B weights: {sorted(odd)[:10]}"
                                + (" ..." if len(odd) > 10 else ""), where=str(path / PEFT_WEIGHTS),
-                               fix="lora_fx loads plain LoRA on linear, convolution and embedding layers (no DoRA "
-                                   "magnitudes, biases or modules_to_save)")
+                               fix="lora_fx loads plain LoRA on linear, convolution and embedding layers and the "
+                                   "modules the config lists in modules_to_save (no DoRA magnitudes or biases)")
     if len(adapters) > 1:
         raise AdapterFileError(f"the file mixes several adapters: {sorted(map(str, adapters))}", where=str(path),
                                fix="save each adapter into its own folder with PeftModel.save_pretrained")
