@@ -244,7 +244,8 @@ def test_view_compiles_in_one_graph():
 # ------------------------------------------------------------------------------------------------ parts own their weights
 def test_each_layer_part_reads_its_own_weights_through_the_adapted_models_modules():
     """What per-layer FSDP2 needs: a layer's part holds exactly that layer's weights (base and LoRA), as the very
-    module objects of the adapted model, so sharding the part reaches the adapted model."""
+    module objects of the adapted model or modules sharing their parameter dicts (the adapted model's hooked clones of
+    modules owning adapted weights, lora_fx/submodule_calls.py), so sharding the part reaches the adapted model."""
     _, adapted, ids = _adapted_llama(layers=3)
     view = lora_fx.split_layers(adapted)
     assert view.checkpointed == [] and view.layers == ["model.layers.0", "model.layers.1", "model.layers.2"]
@@ -255,8 +256,8 @@ def test_each_layer_part_reads_its_own_weights_through_the_adapted_models_module
         expected = {id(p) for n, p in named.items()
                     if n.startswith(name + ".") or n.startswith(f"lora_fx.model_layers_{index}_")}
         assert {id(p) for p in parts[0].parameters()} == expected
-        owners = {id(m) for m in adapted.modules()}
-        assert all(id(m) in owners for m in parts[0].children())
+        owners = {id(m._parameters) for m in adapted.modules()}
+        assert all(id(m._parameters) in owners for m in parts[0].children())
     with torch.no_grad():
         _close(Z.first_output(view(ids)), Z.first_output(adapted(ids)))
 
