@@ -34,7 +34,6 @@ PROG = "lora-fx"
 
 #: files that mark a transformers folder as holding weights (else the model is built from its config)
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 class CliError(Exception):
@@ -480,7 +479,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _need_inputs(loaded, "export")
     _info(f"model: {loaded.description}; example inputs: {_describe_inputs(loaded)}")
     kwargs = loaded.kwargs or None
-    if (adapter / _PEFT_WEIGHTS).is_file():
+    from lora_fx.peft_config import PEFT_WEIGHTS
+
+    if (adapter / PEFT_WEIGHTS).is_file():
         from lora_fx.peft_compat import load_peft_adapter
 
         adapted = load_peft_adapter(loaded.model, adapter, example_inputs=loaded.args, example_kwargs=kwargs,
@@ -532,11 +533,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_fold_onnx(args: argparse.Namespace) -> int:
     try:
-        from lora_fx.onnx_fold import fold_onnx
+        from lora_fx.onnx.fold import fold_onnx
     except ModuleNotFoundError as e:
-        if e.name in ("lora_fx.onnx_fold", "lora_fx.passes.onnx_fold", "passes.onnx_fold"):
+        if e.name in ("lora_fx.onnx.fold", "lora_fx.passes.onnx_fold", "lora_fx.passes.onnx_fold_rule"):
             raise CliError("the ONNX-level fold is not available in this lora_fx installation "
-                           "(lora_fx.onnx_fold is missing)",
+                           "(lora_fx.onnx.fold is missing)",
                            hint="upgrade lora_fx, or fold in PyTorch instead: lora-fx export MODEL --adapter DIR "
                                 "--out merged.onnx") from e
         raise CliError(f"the ONNX-level fold needs {e.name!r}, which is not installed",
@@ -545,7 +546,7 @@ def cmd_fold_onnx(args: argparse.Namespace) -> int:
     print(report)
     identical = True
     if args.base:
-        from lora_fx.onnx_verify import verify_onnx
+        from lora_fx.onnx.verify import verify_onnx
 
         verify = verify_onnx(args.base, args.out)
         print(verify)

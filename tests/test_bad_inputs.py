@@ -510,7 +510,7 @@ def _disk_full(*args, **kwargs):
 @pytest.mark.parametrize("where", ["safetensors", "rename", "exchange"])
 def test_41_disk_error_during_save(adapted, saved, tmp_path, monkeypatch, where):
     """A save over an existing adapter fails midway: the old adapter stays byte for byte, no temp folder is left."""
-    import lora_fx.adapter_file as af
+    import lora_fx.atomic as af
 
     with torch.no_grad():
         for lora in adapted.lora_fx.values():
@@ -778,7 +778,7 @@ def test_62_a_save_whose_old_copy_cannot_be_removed_has_succeeded(adapted, saved
     never an error claiming that nothing changed."""
     import shutil
 
-    import lora_fx.adapter_file as af
+    import lora_fx.atomic as af
 
     real_rmtree = shutil.rmtree
 

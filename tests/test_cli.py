@@ -306,7 +306,7 @@ def test_fold_onnx_bad_inputs(capsys, files, tmp_path, monkeypatch):
     assert_error(err, "has no LoRA branch to fold", "UNMERGED")
     code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx")
     assert code == EXIT_USAGE
-    monkeypatch.setitem(sys.modules, "lora_fx.onnx_fold", None)  # an installation without the ONNX fold
+    monkeypatch.setitem(sys.modules, "lora_fx.onnx.fold", None)  # an installation without the ONNX fold
     code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx", "--out", out_path)
     assert code == EXIT_FAILED
     assert_error(err, "the ONNX-level fold is not available", "lora-fx export")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lora_fx.errors import ExportError, InputError
-from lora_fx.onnx_export import OPSET, export_onnx
-from lora_fx.onnx_verify import verify_onnx
+from lora_fx.onnx.export import OPSET, export_onnx
+from lora_fx.onnx.verify import verify_onnx
 
 
 class MLP(nn.Module):

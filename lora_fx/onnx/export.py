@@ -15,16 +15,15 @@ import logging
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from lora_fx.atomic import atomic_file
 from lora_fx.errors import ExportError, InputError
-from lora_fx.onnx_names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
+from lora_fx.onnx.names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
 from lora_fx.passes.causal_attention import with_masked_attention
 from lora_fx.passes.trace import eval_mode
 
@@ -56,7 +55,7 @@ def export_onnx(
     default optimisation except value-based initializer deduplication (see ``_optimize``).
     ``dynamic=True`` makes dim 0 of every tensor input dynamic (named ``batch``) and dim 1 of token ids, masks and
     (batch, sequence, features) inputs (``sequence``), where the model allows it; outputs are named after the
-    model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx_names).
+    model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx.names).
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
     ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
     model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
@@ -70,7 +69,7 @@ def export_onnx(
     example_kwargs = dict(example_kwargs or {})
 
     model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
-    with _output_dir(path) as tmp_dir:
+    with atomic_file(path) as tmp_dir:
         with eval_mode(model):
             outputs = output_names(_check_inputs_fit(model, example_inputs, example_kwargs))
             specs = [dynamic_shapes]
@@ -81,12 +80,6 @@ def export_onnx(
                 model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
             _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
                                     outputs)
-        try:
-            _move_into_place(tmp_dir, path)
-        except OSError as err:
-            raise ExportError(f"the exported file could not be moved into place: {err}", where=str(path),
-                              fix="check free disk space and permissions of the output directory, then export again"
-                              ) from err
     return path
 
 
@@ -109,29 +102,6 @@ def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     if entry.spec is None:
         return graph, args, kwargs
     return graph, (), arguments
-
-
-@contextlib.contextmanager
-def _output_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary directory next to `path`, removed afterwards whatever happens.
-
-    Creating it up front is the real writability check (os.access says yes to root everywhere), and it puts the
-    temporary files on the same filesystem as `path`, so the final os.replace is atomic.
-    """
-    parent = path.parent
-    fix = "export to a path inside an existing, writable directory (create it first with os.makedirs)"
-    if path.is_dir():
-        raise ExportError("the output path is a directory, not a file", where=str(path), fix="give a file path such as 'model.onnx'")
-    if not parent.is_dir():
-        raise ExportError("the output directory does not exist or is not a directory", where=str(parent), fix=fix)
-    try:
-        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as err:
-        raise ExportError(f"the output directory is not writable: {err}", where=str(parent), fix=fix) from err
-    try:
-        yield tmp_dir
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -291,14 +261,6 @@ def _deduplicate_constants(model, size_limit: int = 1024) -> None:
                 graph.initializers.pop(init.name)
             else:
                 first[key] = init
-
-
-def _move_into_place(tmp_dir: pathlib.Path, path: pathlib.Path) -> None:
-    """Move the exported files next to `path`: external data first, the .onnx (which refers to it) last."""
-    main = tmp_dir / path.name
-    for extra in sorted(p for p in tmp_dir.iterdir() if p != main):
-        os.replace(extra, path.parent / extra.name)
-    os.replace(main, path)
 
 
 @contextlib.contextmanager
