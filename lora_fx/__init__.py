@@ -23,8 +23,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The ONNX side loads onnx/onnxscript/onnxruntime only when first used.
-    from lora_fx import onnx as onnx_side
+    import importlib
 
+    onnx_side = importlib.import_module("lora_fx.onnx")  # not `from lora_fx import onnx`: that asks this __getattr__
     if name in onnx_side._HOMES:
         return getattr(onnx_side, name)
     if name in ("save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport"):
