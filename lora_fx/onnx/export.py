@@ -48,6 +48,7 @@ def export_onnx(
     dynamic: bool = False,
     dynamic_shapes: Any = None,
     dtype: torch.dtype | None = None,
+    kv_cache: bool = False,
 ) -> pathlib.Path:
     """Export `model` to the ONNX file `path` and return the path.
 
@@ -57,9 +58,14 @@ def export_onnx(
     (batch, sequence, features) inputs (``sequence``), where the model allows it; outputs are named after the
     model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx.names).
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
-    ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
-    model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
-    next to the ``.onnx``; smaller ones come out as one self-contained file.
+    ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model (an adapted model's copy captures its graph
+    again in that dtype) and of the floating inputs; the caller's model is not changed. A bare torch.export
+    GraphModule cannot change dtype (its graph keeps the casts it was traced with): InputError.
+    ``kv_cache=True`` (decoder LMs) exports one file for prefill and one-token steps with the cache as inputs and
+    outputs (``past_key_values.{i}.key/value`` -> ``present.{i}.key/value``, lora_fx.onnx.kv_cache); every size is
+    dynamic and the example inputs are made from the model's config, so none need be given.
+    Models over the exporter's size limit get their weights in an external ``.data`` file next to the ``.onnx``;
+    smaller ones come out as one self-contained file.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}", where="export_onnx(model=...)",
@@ -68,6 +74,11 @@ def export_onnx(
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
 
+    if dtype is not None:
+        _check_castable(model, dtype)
+        model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
+    if kv_cache:
+        return _export_with_cache(model, path)
     model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
     with atomic_file(path) as tmp_dir:
         with eval_mode(model):
@@ -75,11 +86,30 @@ def export_onnx(
             specs = [dynamic_shapes]
             if dynamic_shapes is None and dynamic:
                 specs = dynamic_specs(model, example_inputs, example_kwargs)
-            if dtype is not None:
-                _warn_if_traced_dtype(model, dtype)
-                model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
             _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
                                     outputs)
+    return path
+
+
+def _export_with_cache(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Path:
+    """export_onnx(kv_cache=True): the model (an adapted one through the graph of a call with a cache) wrapped in
+    CacheDecoder, exported with the cache's layout and names (lora_fx.onnx.kv_cache)."""
+    from lora_fx.adapted import is_adapted, user_model
+    from lora_fx.onnx.kv_cache import CacheDecoder, example_step, name_io
+
+    with eval_mode(model):
+        example = example_step(user_model(model) if is_adapted(model) else model)
+        inner, _, _ = _exportable(model, (), example.call_kwargs())
+    wrapper = CacheDecoder(inner)
+    spec = example.dynamic_shapes()
+
+    def names(onnx_model) -> None:
+        name_io(onnx_model, example)
+        name_interface(onnx_model, example.axis_names(), example.output_names())
+
+    with atomic_file(path) as tmp_dir, eval_mode(wrapper):
+        _check_inputs_fit(wrapper, example.args(), {})
+        _export(wrapper, tmp_dir / path.name, example.args(), {}, spec, path, names)
     return path
 
 
@@ -134,18 +164,19 @@ def _cast(
     return cast, _map_structure(cast_value, args), _map_structure(cast_value, kwargs)
 
 
-def _warn_if_traced_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """A torch.export graph (aten ops) keeps the dtype casts it was traced with: casting its weights to another
-    dtype can leave mixed-type ops (ONNX Runtime then refuses the file). Say so before exporting."""
+def _check_castable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A torch.export graph (aten ops) keeps the dtype casts it was traced with: cast to another dtype, it would mix
+    dtypes (ONNX Runtime then refuses the file). Refuse it, saying what can be exported in `dtype` instead."""
     if not isinstance(model, torch.fx.GraphModule):
         return
     traced = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if traced - {dtype} and any(isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes):
-        warnings.warn(
-            f"lora_fx: export_onnx(dtype={dtype}) of a torch.export graph traced with {sorted(map(str, traced))} "
-            f"weights: the graph keeps the casts it was traced with, so the file may mix dtypes. To change dtype, "
-            f"load the folded weights into your model (model.load_state_dict(merged.state_dict())) and export that.",
-            UserWarning, stacklevel=3)
+        raise InputError(
+            f"export_onnx(dtype={dtype}) of a torch.export graph traced with {sorted(map(str, traced))} weights: the "
+            f"graph keeps the casts it was traced with, so it cannot change dtype",
+            where=f"export_onnx({type(model).__name__}, dtype={dtype})",
+            fix="export the adapted model itself (what lora_fx.adapt returned) or lora_fx.fold(adapted) (a model of "
+                "your class): both are captured again in the new dtype. Or trace the model in that dtype")
 
 
 def _export(
