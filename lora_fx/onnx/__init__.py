@@ -5,6 +5,8 @@
     verify.py   verify_onnx: are two ONNX graphs the same graph (networkx)
     runtime.py  ONNX Runtime sessions, run_onnx, check_parity, time_session
     fold.py     fold_onnx: the ONNX-level fold as file I/O (the rewrite rule is lora_fx.passes.onnx_fold_rule)
+    kv_cache.py a decoder's KV cache as graph inputs and outputs (export_onnx(kv_cache=True))
+    generate.py generate_onnx: greedy or sampled tokens from a KV-cache file, IO binding on the device
 
 Names load lazily: importing lora_fx never imports onnx, onnxscript or onnxruntime.
 """
@@ -20,6 +22,7 @@ _HOMES = {
     "ort_session": "runtime", "run_onnx": "runtime", "check_parity": "runtime", "ParityReport": "runtime",
     "time_session": "runtime",
     "fold_onnx": "fold", "FoldOnnxReport": "fold",
+    "generate_onnx": "generate",
 }
 
 
