@@ -147,28 +147,26 @@ def test_fp16_export_casts_a_copy_not_the_callers_model(tmp_path, block):
     np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("frontend,warns", [("export", True), ("fx", False)])
-def test_dtype_on_a_torch_export_graph_warns(tmp_path, frontend, warns):
-    """The merged model (lora_fx.fold: the user's class) exports in any dtype quietly. A torch.export graph keeps the
-    dtype casts it was traced with, so recasting the graph itself is refused politely (a warning with the way
-    out); a symbolic-trace graph has no such casts and exports quietly."""
-    import warnings
-
+@pytest.mark.parametrize("frontend,refused", [("export", True), ("fx", False)])
+def test_dtype_on_a_torch_export_graph_is_refused(tmp_path, frontend, refused):
+    """The merged model (lora_fx.fold: the user's class) exports in any dtype. A torch.export graph keeps the dtype
+    casts it was traced with, so recasting the graph itself is refused (InputError with the way out, no file); a
+    symbolic-trace graph has no such casts and exports in the new dtype."""
     import lora_fx
     torch.manual_seed(0)
     x, model = _x(2, 5, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     adapted = lora_fx.adapt(model, example_inputs=(x,), frontend=frontend, r=2)
-    for module, expected in ((lora_fx.fold(adapted), False), (lora_fx.fold(lora_fx.graph(adapted)), warns)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            path = export_onnx(module, tmp_path / "half.onnx", (x,), dtype=torch.float16)
-        said = [str(w.message) for w in caught if "keeps the casts it was traced with" in str(w.message)]
-        assert bool(said) == expected, said
+    for module, expected in ((lora_fx.fold(adapted), False), (lora_fx.fold(lora_fx.graph(adapted)), refused)):
+        path = tmp_path / "half.onnx"
         if expected:
-            assert "load_state_dict" in said[0] or "lora_fx.fold" in said[0]
+            with pytest.raises(lora_fx.InputError, match="keeps the casts it was traced with") as err:
+                export_onnx(module, path, (x,), dtype=torch.float16)
+            assert "lora_fx.fold(adapted)" in err.value.fix and not path.exists()
         else:
+            export_onnx(module, path, (x,), dtype=torch.float16)
             assert {i.data_type for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 2} == {
                 onnx.TensorProto.FLOAT16}
+            path.unlink()
 
 
 def test_missing_directory_raises_export_error_and_writes_nothing(tmp_path):

@@ -128,7 +128,7 @@ def generate_onnx(
                          "the cache on the GPU", where=where,
                          fix="install torch with CUDA beside onnxruntime-gpu, or pass device='cpu'")
     dev = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
-    step = _Step(session, io, dev)
+    step = DecodeStep(session, io, dev)
     ids = input_ids.to(dev)
     mask = attention_mask.to(dev, io.mask_dtype)
     batch = ids.shape[0]
@@ -152,7 +152,7 @@ def generate_onnx(
     return torch.cat(tokens, dim=1)
 
 
-class _Step:
+class DecodeStep:
     """One run of the file with IO binding over torch tensors on `device`: inputs and the cache are bound where they
     are, the outputs are allocated there and bound, so nothing crosses to the host."""
 
