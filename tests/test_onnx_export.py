@@ -259,3 +259,27 @@ def test_dynamic_export_keeps_dims_the_model_pins_static(tmp_path):
     """An MLP's (batch, features) input: features are pinned by the weight, batch stays dynamic."""
     path = export_onnx(MLP(), tmp_path / "mlp.onnx", (_x(2, 8),), dynamic=True)
     assert _interface(path) == ({"x": ["batch", 8]}, {"output": ["batch", 4]})
+
+
+def test_swin_exports_base_and_merged_identical(tmp_path):
+    """transformers' Swin made the dynamo exporter fail on the base model ("Cannot view a tensor with shape ... and
+    strides ...") with autograd on; export_onnx exports under no_grad: base and merged verify identical and pass
+    ONNX Runtime parity."""
+    transformers = pytest.importorskip("transformers")
+    import lora_fx
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                     window_size=4)
+    model, x = transformers.SwinModel(config).eval(), torch.randn(2, 3, 32, 32)
+    adapted = lora_fx.adapt(model, [lora_fx.Rule(name="query|value", r=2, alpha=4)], example_inputs=(x,))
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, 0.2)
+    merged = lora_fx.fold(adapted)
+    export_onnx(model, tmp_path / "base.onnx", (x,))
+    export_onnx(merged, tmp_path / "merged.onnx", (x,))
+    report = verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx")
+    assert report.identical, str(report)
+    parity = lora_fx.check_parity(tmp_path / "merged.onnx", merged, (x,), device="cpu")
+    assert parity.ok, str(parity)

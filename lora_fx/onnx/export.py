@@ -188,9 +188,13 @@ def _export(
     path: pathlib.Path,
     name_interface: Callable[[Any], None] = lambda model: None,
 ) -> None:
-    """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError."""
+    """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError.
+
+    Under torch.no_grad(): with autograd on, the exporter's decomposition step fails on models with windowed or
+    relative-position attention (transformers' Swin: "Cannot view a tensor with shape ... and strides ..."), and an
+    export needs no gradients anyway."""
     try:
-        with _quiet():
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 model,
                 args,
