@@ -14,7 +14,7 @@ Variants, per model and dtype (fp16 and fp32; fp32 runs fewer unmerged variants,
   base_again       a SECOND ONNX Runtime session of the same base file (eager: the same module timed again): the
                    noise floor; ratio base_again/base is what "1.00 within noise" means
   merged           lora_fx.adapt (all linears, r=8) -> random B -> lora_fx.fold -> export (the deployment path)
-  onnx_folded      the unmerged all-linears r=8 ONNX folded by lora_fx.onnx_fold.fold_onnx (no PyTorch)
+  onnx_folded      the unmerged all-linears r=8 ONNX folded by lora_fx.fold_onnx (no PyTorch)
   unmerged_T_rR    the adapted model exported without folding: LoRA branches (x·Aᵀ)·Bᵀ·s beside each adapted
                    linear; T = qv (BERT query,value; GPT-2 c_attn, its fused q,k,v projection) or all (every linear,
                    GPT-2's tied lm_head excluded), R = rank (8 and 64). LoRA weights in the model's dtype.
@@ -25,7 +25,7 @@ Every ONNX file is exported by lora_fx.export_onnx(dynamic=True) (one file serve
 worker processes (--jobs). verify_onnx checks merged and onnx_folded against base (structure IDENTICAL expected).
 
 ONNX Runtime: one InferenceSession per variant, all with the same SessionOptions (ORT_ENABLE_ALL) and providers
-(CUDAExecutionProvider, CPU fallback refused with --device cuda), timed by lora_fx.runtime.time_session (IO binding
+(CUDAExecutionProvider, CPU fallback refused with --device cuda), timed by lora_fx.onnx.runtime.time_session (IO binding
 on CUDA: inputs and outputs stay on the GPU, each run synchronised). Runs alternate between variants: --rounds
 rounds, each times every variant for --iters runs in a rotated order, so drift spreads evenly; medians are reported.
 Node counts after ORT's graph optimizations: the sessions of base, merged and unmerged_all_r8 also write their
@@ -219,7 +219,7 @@ def fold_job(spec: dict) -> dict:
     out = {"variant": spec["variant"], "path": spec["path"]}
     try:
         lora_fx = import_lora_fx()
-        from lora_fx.onnx_fold import fold_onnx
+        from lora_fx.onnx.fold import fold_onnx
         t = time.perf_counter()
         report = fold_onnx(spec["source"], spec["path"], keep=spec.get("keep"))
         out["fold_s"] = time.perf_counter() - t
@@ -373,7 +373,7 @@ def alternate(variants: list[str], run_block, rounds: int) -> dict[str, list[flo
 
 
 def ort_group(a, lora_fx, model: str, dtype: str, group: dict, workdir: pathlib.Path) -> dict:
-    from lora_fx.runtime import time_session
+    from lora_fx.onnx.runtime import time_session
     files, records = group["files"], group["records"]
     variants, _ = group_variants(a, dtype)
     usable = [v for v in variants if "error" not in records.get("base" if v == "base_again" else v, {"error": "missing"})]

@@ -116,7 +116,7 @@ def main() -> None:
     parity = lora_fx.check_parity(merged_path, cpu_merged, x)
     print(f"ONNX Runtime ({parity.provider}) vs PyTorch: max abs error {parity.max_abs_err:.2e} "
           f"(atol {parity.atol:g}) ok={parity.ok}")
-    from lora_fx.runtime import ort_session, time_session
+    from lora_fx.onnx.runtime import ort_session, time_session
     batch = (e2e_batch(test_set, 8, 64, gen),)
     times = {}
     for name, path in (("base", base_path), ("merged", merged_path)) * 2:  # alternate to spread drift

@@ -23,24 +23,17 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The ONNX side loads onnx/onnxscript/onnxruntime only when first used.
-    if name == "export_onnx":
-        from lora_fx.onnx_export import export_onnx
-        return export_onnx
-    if name in ("verify_onnx", "VerifyReport"):
-        from lora_fx import onnx_verify
-        return getattr(onnx_verify, name)
-    if name in ("ort_session", "run_onnx", "check_parity", "ParityReport"):
-        from lora_fx import runtime
-        return getattr(runtime, name)
+    import importlib
+
+    onnx_side = importlib.import_module("lora_fx.onnx")  # not `from lora_fx import onnx`: that asks this __getattr__
+    if name in onnx_side._HOMES:
+        return getattr(onnx_side, name)
     if name in ("save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport"):
         from lora_fx import adapter_file
         return getattr(adapter_file, name)
     if name in ("load_peft_adapter", "save_peft_adapter"):
         from lora_fx import peft_compat
         return getattr(peft_compat, name)
-    if name in ("fold_onnx", "FoldOnnxReport"):
-        from lora_fx import onnx_fold
-        return getattr(onnx_fold, name)
     if name in ("train", "prepare_mixed_precision"):
         from lora_fx import training
         return getattr(training, name)

@@ -349,6 +349,9 @@ def graph_call(entry: Entry, adapted: nn.Module) -> nn.Module:
     module = type("GraphCall", (nn.Module,), {"forward": forward})()
     for attr in ("_parameters", "_buffers", "_modules"):  # the graph's tensors under the model's own names
         module.__dict__[attr] = graph.__dict__[attr]
+    for attr in ("_in_spec", "_out_spec"):  # read by the code of a graph whose inputs are a pytree (torch.export's)
+        if attr in graph.__dict__:
+            module.__dict__[attr] = graph.__dict__[attr]
     module.training = graph.training
     return module
 

@@ -1,9 +1,11 @@
-"""The `lora-fx` command line: plan, export, verify, fold-onnx.
+"""The `lora-fx` command line: plan, export, verify, fold-onnx, generate.
 
     lora-fx plan MODEL [--rules rules.toml] [--json] [--input-shape 2,16 | --input-ids 2,16]
-    lora-fx export MODEL --adapter DIR --out merged.onnx [--base-out base.onnx] [--fp16] [--dynamic] [--parity]
+    lora-fx export MODEL --adapter DIR --out merged.onnx [--base-out base.onnx] [--fp16] [--dynamic] [--kv-cache]
+                   [--parity]
     lora-fx verify A.onnx B.onnx
     lora-fx fold-onnx unmerged.onnx --out merged.onnx [--base base.onnx]
+    lora-fx generate merged.onnx --prompt-ids 1,2,3 [--prompt-ids 4,5] [--max-new-tokens 20] [--sample ...]
 
 MODEL is `package.module:function` (a factory returning a model, or (model, example_inputs[, example_kwargs])) or a
 transformers config/model folder on disk (config.json, with or without weights).
@@ -34,7 +36,6 @@ PROG = "lora-fx"
 
 #: files that mark a transformers folder as holding weights (else the model is built from its config)
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 class CliError(Exception):
@@ -51,6 +52,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 (argparse's name)
         raise CliError(message, hint=f"see '{self.prog} --help'", code=EXIT_USAGE)
+
+
+def _ids(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (token ids: non-negative integers)."""
+    try:
+        ids = [int(p) for p in text.split(",") if p.strip() != ""]
+    except ValueError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token ids: write non-negative integers "
+                                         f"separated by commas, e.g. 1,2,3")
+    return ids
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -82,6 +95,8 @@ examples:
   lora-fx export mypkg.models:tiny_gpt --adapter run/adapter --out merged.onnx --base-out base.onnx
   lora-fx verify base.onnx merged.onnx
   lora-fx fold-onnx unmerged.onnx --out merged.onnx --base base.onnx
+  lora-fx export ./tiny-llama --adapter run/adapter --out merged.onnx --kv-cache
+  lora-fx generate merged.onnx --prompt-ids 1,2,3 --max-new-tokens 16
 """
 
 
@@ -139,8 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="export float16 copies of both models")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and sequence dims (the first two of "
                                                           "every input)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="decoder LMs: the KV cache as inputs and outputs (past_key_values.N.key/value -> "
+                        "present.N.key/value), one file for the prompt and each new token, every size dynamic; "
+                        "serve it with `lora-fx generate`")
     p.add_argument("--parity", action="store_true", help="also run merged.onnx on ONNX Runtime against the folded "
-                                                         "PyTorch model")
+                                                         "PyTorch model (with --kv-cache: greedy tokens against "
+                                                         "its generate)")
     p.set_defaults(run=cmd_export)
 
     p = command("verify", "compare two ONNX graphs: exit 0 only when they are identical",
@@ -157,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="merged.onnx")
     p.add_argument("--base", metavar="base.onnx", help="verify the result against this base export")
     p.set_defaults(run=cmd_fold_onnx)
+
+    p = command("generate", "generate tokens with a KV-cache ONNX file on ONNX Runtime",
+                "Run the generation loop (lora_fx.generate_onnx) on a file exported with `lora-fx export\n"
+                "--kv-cache` and print prompt + new token ids, one line per prompt. Several --prompt-ids make a\n"
+                "batch, left-padded with --pad-id. Greedy unless --sample.")
+    p.add_argument("onnx", metavar="merged.onnx")
+    p.add_argument("--prompt-ids", type=_ids, action="append", required=True, metavar="1,2,3",
+                   help="token ids of one prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=20, metavar="N")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--eos-id", type=int, default=None, help="stop a sequence at this token")
+    p.add_argument("--pad-id", type=int, default=0, help="padding id (left padding, finished sequences)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.set_defaults(run=cmd_generate)
     return parser
 
 
@@ -480,7 +518,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _need_inputs(loaded, "export")
     _info(f"model: {loaded.description}; example inputs: {_describe_inputs(loaded)}")
     kwargs = loaded.kwargs or None
-    if (adapter / _PEFT_WEIGHTS).is_file():
+    from lora_fx.peft_config import PEFT_WEIGHTS
+
+    if (adapter / PEFT_WEIGHTS).is_file():
         from lora_fx.peft_compat import load_peft_adapter
 
         adapted = load_peft_adapter(loaded.model, adapter, example_inputs=loaded.args, example_kwargs=kwargs,
@@ -500,15 +540,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             base_path = pathlib.Path(args.base_out)
         else:
             base_path = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-fx-"))) / "base.onnx"
-        lora_fx.export_onnx(loaded.model, base_path, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype)
+        lora_fx.export_onnx(loaded.model, base_path, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype,
+                            kv_cache=args.kv_cache)
         _info(f"exported the base model -> {base_path if args.base_out else '(temporary file)'}")
-        lora_fx.export_onnx(merged, out, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype)
+        lora_fx.export_onnx(merged, out, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype,
+                            kv_cache=args.kv_cache)
         _info(f"exported the merged model -> {out}")
         report = lora_fx.verify_onnx(base_path, out)
     report.base_name = str(base_path) if args.base_out else "base (temporary file)"
     report.merged_name = str(out)
     print(report)
-    if args.parity:
+    if args.parity and args.kv_cache:
+        _generate_parity(out, merged, loaded)
+    elif args.parity:
         parity = lora_fx.check_parity(out, merged, loaded.args or (), kwargs)
         print(parity)
         if not parity.ok:
@@ -522,6 +566,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _generate_parity(path: pathlib.Path, merged: Any, loaded: Any) -> None:
+    """--kv-cache --parity: 8 greedy tokens from the file equal the merged PyTorch model's generate."""
+    import torch
+
+    import lora_fx
+
+    ids = next((a for a in [*(loaded.args or ()), *(loaded.kwargs or {}).values()]
+                if isinstance(a, torch.Tensor) and not a.dtype.is_floating_point), None)
+    if ids is None:
+        raise CliError("--parity with --kv-cache needs token ids as example input", hint="pass --input-ids 2,16")
+    want = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)
+    got = lora_fx.generate_onnx(path, ids, max_new_tokens=8)
+    same = want.shape == got.shape and bool(torch.equal(want, got))
+    print(f"generate parity: {'OK' if same else 'FAILED'}: 8 greedy tokens for {ids.shape[0]} prompt(s) "
+          f"{'equal' if same else 'differ from'} the folded PyTorch model's generate")
+    if not same:
+        raise CliError("the ONNX file generates other tokens than the folded PyTorch model",
+                       hint="run lora_fx.generate_onnx and model.generate side by side on one prompt to find the "
+                            "first step that differs; with --fp16 rounding can flip near-ties")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import lora_fx
+
+    path = pathlib.Path(args.onnx)
+    if not path.is_file():
+        raise CliError(f"the ONNX file does not exist (at {path})",
+                       hint="export a decoder first: lora-fx export MODEL --adapter DIR --out merged.onnx --kv-cache")
+    longest = max(len(p) for p in args.prompt_ids)
+    ids = torch.full((len(args.prompt_ids), longest), args.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(args.prompt_ids):  # left padding: the new tokens follow every prompt directly
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+    tokens = lora_fx.generate_onnx(path, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   eos_token_id=args.eos_id, pad_token_id=args.pad_id,
+                                   generator=torch.Generator().manual_seed(args.seed), device=args.device)
+    for row, prompt in enumerate(args.prompt_ids):
+        print(",".join(str(int(t)) for t in tokens[row, longest - len(prompt):]))
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     import lora_fx
 
@@ -532,11 +622,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_fold_onnx(args: argparse.Namespace) -> int:
     try:
-        from lora_fx.onnx_fold import fold_onnx
+        from lora_fx.onnx.fold import fold_onnx
     except ModuleNotFoundError as e:
-        if e.name in ("lora_fx.onnx_fold", "lora_fx.passes.onnx_fold", "passes.onnx_fold"):
+        if e.name in ("lora_fx.onnx.fold", "lora_fx.passes.onnx_fold", "lora_fx.passes.onnx_fold_rule"):
             raise CliError("the ONNX-level fold is not available in this lora_fx installation "
-                           "(lora_fx.onnx_fold is missing)",
+                           "(lora_fx.onnx.fold is missing)",
                            hint="upgrade lora_fx, or fold in PyTorch instead: lora-fx export MODEL --adapter DIR "
                                 "--out merged.onnx") from e
         raise CliError(f"the ONNX-level fold needs {e.name!r}, which is not installed",
@@ -545,7 +635,7 @@ def cmd_fold_onnx(args: argparse.Namespace) -> int:
     print(report)
     identical = True
     if args.base:
-        from lora_fx.onnx_verify import verify_onnx
+        from lora_fx.onnx.verify import verify_onnx
 
         verify = verify_onnx(args.base, args.out)
         print(verify)

@@ -33,18 +33,17 @@ import torch
 from torch import nn
 
 from lora_fx import peft_config
-from lora_fx.adapter_file import (DEFAULT_ADAPTER, atomic_write_dir, check_and_copy, full_tensors, modules_in_full,
+from lora_fx.adapter_file import (DEFAULT_ADAPTER, check_and_copy, full_tensors, modules_in_full,
                                   read_json,
                                   read_safetensors, sites_by_weight, write_json, write_safetensors)
+from lora_fx.atomic import atomic_write_dir
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.infra import dtensor_type
+from lora_fx.peft_config import PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
 from lora_fx.rollback import unchanged_on_error
 from lora_fx.site_kinds import kind_of
 from lora_fx.state import adapter_container
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 # an embedding's LoRA is a pair of bare parameters in PEFT: <module>.lora_embedding_A (r, num_embeddings), _B (dim, r)

@@ -17,6 +17,11 @@ from typing import Any
 from lora_fx import patterns
 from lora_fx.errors import AdapterFileError
 
+#: PEFT's file names in an adapter folder (PeftModel.save_pretrained), defined here once for every reader and writer.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"  # the pickle format, which lora_fx never loads
+
 # LoraConfig's fields (peft 0.21) and the metadata PEFT writes beside them. A field outside this list holding a
 # value belongs to a PEFT lora_fx does not know, and may change the math: refused.
 KNOWN_FIELDS = frozenset("""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -48,17 +49,23 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+def leaves(value: Any) -> list[Any]:
+    """The leaves of a model's inputs or outputs in the exporter's order: tuples and lists in order, dicts and HF
+    ModelOutputs by insertion order (a ModelOutput's unset fields are absent). The one flattener of lora_fx."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "to_tuple") and callable(value.to_tuple):
+        value = value.to_tuple()
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in leaves(item)]
+    return [value]
+
+
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """Tensors of a model's output in a fixed order (tuples, lists, dicts, HF ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flatten_outputs(o)]
-    return []
+    return [leaf for leaf in leaves(out) if isinstance(leaf, torch.Tensor)]
 
 
 def run_model(model: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -162,7 +162,7 @@ def test_save_where_the_target_is_a_file(adapted, tmp_path):
 @pytest.mark.parametrize("where", ["safetensors", "rename", "exchange"])
 def test_disk_error_during_save(adapted, saved, tmp_path, monkeypatch, where):
     """A save over an existing adapter fails midway: the old adapter stays byte for byte, no temp folder is left."""
-    import lora_fx.adapter_file as af
+    import lora_fx.atomic as af
 
     with torch.no_grad():
         for lora in adapted.lora_fx.values():

@@ -193,7 +193,7 @@ def test_a_save_whose_old_copy_cannot_be_removed_has_succeeded(adapted, saved, t
     never an error claiming that nothing changed."""
     import shutil
 
-    import lora_fx.adapter_file as af
+    import lora_fx.atomic as af
 
     real_rmtree = shutil.rmtree
 

@@ -149,3 +149,20 @@ def test_train_fsdp2_tiny_runs_on_one_and_two_processes(tmp_path):
         for n in (1, 2):
             assert results[("peft_eager", n)]["trainable_params"] == results[("lora_fx_eager", n)]["trainable_params"]
             assert _positive(ratios[n])
+
+
+def test_generate_latency_tiny_runs_end_to_end(tmp_path):
+    """benchmarks/generate_latency.py --tiny on CPU: every variant exported and timed, merged verified identical."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_latency.py"), "--tiny", "--out",
+                           str(out), "--batches", "1", "--workdir", str(tmp_path / "files")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["verify_identical"] is True
+    group = data["results"]["1"]
+    assert set(group) == {"base", "base_again", "merged", "unmerged_qv", "unmerged_all"}
+    assert all(_positive(r["prefill_ms"]) and _positive(r["decode_tokens_per_s"]) for r in group.values())
+    assert data["ratios"]["1"]["base"] == {"prefill": 1.0, "decode": 1.0}
+    assert _positive(data["torch_generate"]["1"]["decode_tokens_per_s"])
+    assert "| batch | variant | prefill ms |" in proc.stdout

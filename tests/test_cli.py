@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -306,7 +307,7 @@ def test_fold_onnx_bad_inputs(capsys, files, tmp_path, monkeypatch):
     assert_error(err, "has no LoRA branch to fold", "UNMERGED")
     code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx")
     assert code == EXIT_USAGE
-    monkeypatch.setitem(sys.modules, "lora_fx.onnx_fold", None)  # an installation without the ONNX fold
+    monkeypatch.setitem(sys.modules, "lora_fx.onnx.fold", None)  # an installation without the ONNX fold
     code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx", "--out", out_path)
     assert code == EXIT_FAILED
     assert_error(err, "the ONNX-level fold is not available", "lora-fx export")
@@ -416,3 +417,48 @@ def test_a_stray_module_in_the_current_folder_does_not_shadow_installed_packages
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         assert "stray onnxscript" not in done.stderr and "ONNX structure: IDENTICAL" in done.stdout
         (tmp_path / "m.onnx").unlink()
+
+
+# ------------------------------------------------------------------------------------------------ KV cache, generate
+def test_export_kv_cache_and_generate(capsys, tmp_path):
+    """export --kv-cache writes base and merged decoder files with a cache that verify identical and generate the
+    folded model's tokens (--parity); generate runs a left-padded batch; errors say what and how."""
+    transformers = pytest.importorskip("transformers")
+    import lora_fx
+    from lora_fx.adapter_file import save_adapter
+
+    folder = _llama_folder(tmp_path / "model")
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    adapted = lora_fx.adapt(model, [lora_fx.Rule(name="q_proj|v_proj", r=2, alpha=4)], example_inputs=(ids,),
+                            example_kwargs={"use_cache": False})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, 0.5)
+    save_adapter(adapted, tmp_path / "adapter")
+    merged_path = tmp_path / "merged.onnx"
+    code, out, err = run(capsys, "export", folder, "--adapter", tmp_path / "adapter", "--out", merged_path,
+                         "--base-out", tmp_path / "base.onnx", "--kv-cache", "--parity", "--input-ids", "2,6")
+    assert code == EXIT_OK, err
+    assert "IDENTICAL" in out.upper() and "generate parity: OK" in out
+    assert any(i.name == "past_key_values.0.key" for i in onnx.load(str(merged_path)).graph.input)
+
+    code, out, err = run(capsys, "generate", merged_path, "--prompt-ids", "5,6,7", "--prompt-ids", "8,9",
+                         "--max-new-tokens", "4", "--device", "cpu")
+    assert code == EXIT_OK, err
+    rows = [[int(t) for t in line.split(",")] for line in out.strip().splitlines()]
+    x, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    want = lora_fx.fold(adapted).generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                          pad_token_id=0)
+    assert rows == [want[0].tolist(), want[1, 1:].tolist()]
+
+    code, _, err = run(capsys, "generate", tmp_path / "missing.onnx", "--prompt-ids", "1,2")
+    assert code == EXIT_FAILED
+    assert_error(err, "does not exist", "--kv-cache")
+    code, _, err = run(capsys, "generate", merged_path, "--prompt-ids", "1,x")
+    assert code == EXIT_USAGE
+    code, _, err = run(capsys, "generate", merged_path, "--prompt-ids", "1,2", "--max-new-tokens", "0",
+                       "--device", "cpu")
+    assert code == EXIT_FAILED
+    assert_error(err, "max_new_tokens must be at least 1")

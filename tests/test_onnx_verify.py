@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lora_fx.errors import VerifyError
-from lora_fx.onnx_export import export_onnx
-from lora_fx.onnx_verify import VerifyReport, verify_onnx
+from lora_fx.onnx.export import export_onnx
+from lora_fx.onnx.verify import VerifyReport, verify_onnx
 
 
 class MLP(nn.Module):

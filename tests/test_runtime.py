@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lora_fx.errors import InputError, LoraFxError
-from lora_fx.onnx_export import export_onnx
-from lora_fx.runtime import DEFAULT_TOLERANCES, ParityReport, check_parity, ort_session, run_onnx, time_session
+from lora_fx.onnx.export import export_onnx
+from lora_fx.onnx.runtime import DEFAULT_TOLERANCES, ParityReport, check_parity, ort_session, run_onnx, time_session
 
 HAS_CUDA = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -321,9 +321,9 @@ class Case:
 def onnx_available() -> str | None:
     """None when lora_fx's ONNX half (export, verify, runtime) imports, else why not."""
     try:
-        import lora_fx.onnx_export  # noqa: F401
-        import lora_fx.onnx_verify  # noqa: F401
-        import lora_fx.runtime  # noqa: F401
+        import lora_fx.onnx.export  # noqa: F401
+        import lora_fx.onnx.verify  # noqa: F401
+        import lora_fx.onnx.runtime  # noqa: F401
     except ImportError as e:
         return f"lora_fx ONNX half not available: {e}"
     return None

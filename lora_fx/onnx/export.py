@@ -15,16 +15,15 @@ import logging
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from lora_fx.atomic import atomic_file
 from lora_fx.errors import ExportError, InputError
-from lora_fx.onnx_names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
+from lora_fx.onnx.names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
 from lora_fx.passes.causal_attention import with_masked_attention
 from lora_fx.passes.trace import eval_mode
 
@@ -49,6 +48,7 @@ def export_onnx(
     dynamic: bool = False,
     dynamic_shapes: Any = None,
     dtype: torch.dtype | None = None,
+    kv_cache: bool = False,
 ) -> pathlib.Path:
     """Export `model` to the ONNX file `path` and return the path.
 
@@ -56,11 +56,16 @@ def export_onnx(
     default optimisation except value-based initializer deduplication (see ``_optimize``).
     ``dynamic=True`` makes dim 0 of every tensor input dynamic (named ``batch``) and dim 1 of token ids, masks and
     (batch, sequence, features) inputs (``sequence``), where the model allows it; outputs are named after the
-    model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx_names).
+    model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx.names).
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
-    ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model and of the floating inputs; the caller's
-    model is not changed. Models over the exporter's size limit get their weights in an external ``.data`` file
-    next to the ``.onnx``; smaller ones come out as one self-contained file.
+    ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model (an adapted model's copy captures its graph
+    again in that dtype) and of the floating inputs; the caller's model is not changed. A bare torch.export
+    GraphModule cannot change dtype (its graph keeps the casts it was traced with): InputError.
+    ``kv_cache=True`` (decoder LMs) exports one file for prefill and one-token steps with the cache as inputs and
+    outputs (``past_key_values.{i}.key/value`` -> ``present.{i}.key/value``, lora_fx.onnx.kv_cache); every size is
+    dynamic and the example inputs are made from the model's config, so none need be given.
+    Models over the exporter's size limit get their weights in an external ``.data`` file next to the ``.onnx``;
+    smaller ones come out as one self-contained file.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}", where="export_onnx(model=...)",
@@ -69,24 +74,42 @@ def export_onnx(
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
 
+    if dtype is not None:
+        _check_castable(model, dtype)
+        model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
+    if kv_cache:
+        return _export_with_cache(model, path)
     model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
-    with _output_dir(path) as tmp_dir:
+    with atomic_file(path) as tmp_dir:
         with eval_mode(model):
             outputs = output_names(_check_inputs_fit(model, example_inputs, example_kwargs))
             specs = [dynamic_shapes]
             if dynamic_shapes is None and dynamic:
                 specs = dynamic_specs(model, example_inputs, example_kwargs)
-            if dtype is not None:
-                _warn_if_traced_dtype(model, dtype)
-                model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
             _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
                                     outputs)
-        try:
-            _move_into_place(tmp_dir, path)
-        except OSError as err:
-            raise ExportError(f"the exported file could not be moved into place: {err}", where=str(path),
-                              fix="check free disk space and permissions of the output directory, then export again"
-                              ) from err
+    return path
+
+
+def _export_with_cache(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Path:
+    """export_onnx(kv_cache=True): the model (an adapted one through the graph of a call with a cache) wrapped in
+    CacheDecoder, exported with the cache's layout and names (lora_fx.onnx.kv_cache)."""
+    from lora_fx.adapted import is_adapted, user_model
+    from lora_fx.onnx.kv_cache import CacheDecoder, example_step, name_io
+
+    with eval_mode(model):
+        example = example_step(user_model(model) if is_adapted(model) else model)
+        inner, _, _ = _exportable(model, (), example.call_kwargs())
+    wrapper = CacheDecoder(inner)
+    spec = example.dynamic_shapes()
+
+    def names(onnx_model) -> None:
+        name_io(onnx_model, example)
+        name_interface(onnx_model, example.axis_names(), example.output_names())
+
+    with atomic_file(path) as tmp_dir, eval_mode(wrapper):
+        _check_inputs_fit(wrapper, example.args(), {})
+        _export(wrapper, tmp_dir / path.name, example.args(), {}, spec, path, names)
     return path
 
 
@@ -109,29 +132,6 @@ def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     if entry.spec is None:
         return graph, args, kwargs
     return graph, (), arguments
-
-
-@contextlib.contextmanager
-def _output_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary directory next to `path`, removed afterwards whatever happens.
-
-    Creating it up front is the real writability check (os.access says yes to root everywhere), and it puts the
-    temporary files on the same filesystem as `path`, so the final os.replace is atomic.
-    """
-    parent = path.parent
-    fix = "export to a path inside an existing, writable directory (create it first with os.makedirs)"
-    if path.is_dir():
-        raise ExportError("the output path is a directory, not a file", where=str(path), fix="give a file path such as 'model.onnx'")
-    if not parent.is_dir():
-        raise ExportError("the output directory does not exist or is not a directory", where=str(parent), fix=fix)
-    try:
-        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as err:
-        raise ExportError(f"the output directory is not writable: {err}", where=str(parent), fix=fix) from err
-    try:
-        yield tmp_dir
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _check_inputs_fit(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -164,18 +164,19 @@ def _cast(
     return cast, _map_structure(cast_value, args), _map_structure(cast_value, kwargs)
 
 
-def _warn_if_traced_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """A torch.export graph (aten ops) keeps the dtype casts it was traced with: casting its weights to another
-    dtype can leave mixed-type ops (ONNX Runtime then refuses the file). Say so before exporting."""
+def _check_castable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A torch.export graph (aten ops) keeps the dtype casts it was traced with: cast to another dtype, it would mix
+    dtypes (ONNX Runtime then refuses the file). Refuse it, saying what can be exported in `dtype` instead."""
     if not isinstance(model, torch.fx.GraphModule):
         return
     traced = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if traced - {dtype} and any(isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes):
-        warnings.warn(
-            f"lora_fx: export_onnx(dtype={dtype}) of a torch.export graph traced with {sorted(map(str, traced))} "
-            f"weights: the graph keeps the casts it was traced with, so the file may mix dtypes. To change dtype, "
-            f"load the folded weights into your model (model.load_state_dict(merged.state_dict())) and export that.",
-            UserWarning, stacklevel=3)
+        raise InputError(
+            f"export_onnx(dtype={dtype}) of a torch.export graph traced with {sorted(map(str, traced))} weights: the "
+            f"graph keeps the casts it was traced with, so it cannot change dtype",
+            where=f"export_onnx({type(model).__name__}, dtype={dtype})",
+            fix="export the adapted model itself (what lora_fx.adapt returned) or lora_fx.fold(adapted) (a model of "
+                "your class): both are captured again in the new dtype. Or trace the model in that dtype")
 
 
 def _export(
@@ -187,9 +188,13 @@ def _export(
     path: pathlib.Path,
     name_interface: Callable[[Any], None] = lambda model: None,
 ) -> None:
-    """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError."""
+    """Run the dynamo exporter with the fixed settings, quietly; any failure becomes an ExportError.
+
+    Under torch.no_grad(): with autograd on, the exporter's decomposition step fails on models with windowed or
+    relative-position attention (transformers' Swin: "Cannot view a tensor with shape ... and strides ..."), and an
+    export needs no gradients anyway."""
     try:
-        with _quiet():
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 model,
                 args,
@@ -291,14 +296,6 @@ def _deduplicate_constants(model, size_limit: int = 1024) -> None:
                 graph.initializers.pop(init.name)
             else:
                 first[key] = init
-
-
-def _move_into_place(tmp_dir: pathlib.Path, path: pathlib.Path) -> None:
-    """Move the exported files next to `path`: external data first, the .onnx (which refers to it) last."""
-    main = tmp_dir / path.name
-    for extra in sorted(p for p in tmp_dir.iterdir() if p != main):
-        os.replace(extra, path.parent / extra.name)
-    os.replace(main, path)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """Fold the LoRA branches of an ONNX file exported from an UNMERGED adapted model, without PyTorch.
 
-    report = lora_fx.onnx_fold.fold_onnx("unmerged.onnx", "merged.onnx")
+    report = lora_fx.fold_onnx("unmerged.onnx", "merged.onnx")
     assert not report.rejected
     lora_fx.verify_onnx("base.onnx", "merged.onnx").identical   # base.onnx: the base model, same export settings
 
 Each branch ``Add(base(x), s·(x·A)·B)`` becomes ``base(x)`` with ``W <- W + s·B·A`` (in W's layout), accumulated in
-fp64 (fp32 on request) and rounded once into W's dtype; the rule and its refusals are in ``lora_fx.passes.onnx_fold``.
+fp64 (fp32 on request) and rounded once into W's dtype; the rule and its refusals are in ``lora_fx.passes.onnx_fold_rule``.
 The output file is written atomically (temporary file in the same directory, then a rename): a failed fold never
 leaves a partial file and never clobbers an existing one. A model saved with external data is written with external
 data (``<out>.data``; in place, the input's own data file).
@@ -13,22 +13,20 @@ data (``<out>.data``; in place, the input's own data file).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import pathlib
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 from onnxscript import ir
 
+from lora_fx.atomic import atomic_file
 from lora_fx.errors import ExportError, InputError
-from lora_fx.passes.onnx_fold import FoldRecord, fold_lora_branches
+from lora_fx.passes.onnx_fold import fold_lora_branches
+from lora_fx.passes.onnx_fold_rule import FoldRecord
 
 #: Above this many bytes of initializers the folded model is saved with its weights in ``<file>.data`` (protobuf
 #: cannot hold more than 2 GB in one message).
@@ -137,7 +135,7 @@ def _save(model: ir.Model, path: pathlib.Path, in_path: pathlib.Path) -> None:
     """Write `model` to `path` atomically, with external data next to it when the input had it or the weights are
     too big for one file."""
     data_name = _data_name(model, in_path, path)
-    with _temporary_dir(path) as tmp:
+    with atomic_file(path) as tmp:
         target = tmp / path.name
         try:
             ir.save(model, str(target), external_data=data_name)
@@ -154,24 +152,3 @@ def _save(model: ir.Model, path: pathlib.Path, in_path: pathlib.Path) -> None:
             raise ExportError(f"the folded model does not pass the ONNX checker: {type(err).__name__}: {err}",
                               where=str(path), fix="check the input with onnx.checker.check_model; if it passes, "
                                                    "report this as a lora_fx bug with the input file") from err
-        for extra in sorted(p for p in tmp.iterdir() if p != target):  # external data first, the .onnx last
-            os.replace(extra, path.parent / extra.name)
-        os.replace(target, path)
-
-
-@contextlib.contextmanager
-def _temporary_dir(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary directory beside `path` (same filesystem, so os.replace is atomic), removed afterwards."""
-    fix = "write to a path inside an existing, writable directory"
-    if path.is_dir():
-        raise ExportError("the output path is a directory, not a file", where=str(path), fix="give a file path")
-    if not path.parent.is_dir():
-        raise ExportError("the output directory does not exist", where=str(path.parent), fix=fix)
-    try:
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as err:
-        raise ExportError(f"the output directory is not writable: {err}", where=str(path.parent), fix=fix) from err
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from lora_fx.errors import InputError, LoraFxError
-from lora_fx.passes.trace import eval_mode
+from lora_fx.passes.trace import eval_mode, leaves
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -282,8 +282,8 @@ def _feed(session: ort.InferenceSession, args: tuple, kwargs: Mapping[str, Any] 
     for spec in specs:
         if spec.name in kwargs and _is_array(kwargs[spec.name]):
             feed[spec.name] = _to_numpy(kwargs.pop(spec.name), spec.type)
-    positional = [value for value in _flatten(args) if _is_array(value)]
-    positional += [value for value in _flatten(list(kwargs.values())) if _is_array(value)]  # nested keyword inputs
+    positional = [value for value in leaves(args) if _is_array(value)]
+    positional += [value for value in leaves(list(kwargs.values())) if _is_array(value)]  # nested keyword inputs
     remaining = [spec for spec in specs if spec.name not in feed]
     if len(positional) != len(remaining):
         expected = ", ".join(f"{s.name}: {s.type}{s.shape}" for s in specs)
@@ -325,22 +325,11 @@ def _to_numpy(value: Any, onnx_type: str | None = None) -> np.ndarray:
     return array
 
 
-def _flatten(value: Any) -> list[Any]:
-    """Leaves of nested tuples/lists/dicts (dicts in insertion order) and HF ModelOutput-like objects, in order."""
-    if isinstance(value, Mapping):
-        return [leaf for item in value.values() for leaf in _flatten(item)]
-    if hasattr(value, "to_tuple") and callable(value.to_tuple):
-        return _flatten(value.to_tuple())
-    if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _flatten(item)]
-    return [value]
-
-
 def _torch_outputs(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[list[np.ndarray], set[str]]:
     """The module's tensor outputs (eval mode, no grad) flattened to numpy, and their precisions; flags restored."""
     with eval_mode(module), torch.no_grad():
         result = module(*args, **kwargs)
-    tensors = [leaf for leaf in _flatten(result) if isinstance(leaf, torch.Tensor)]
+    tensors = [leaf for leaf in leaves(result) if isinstance(leaf, torch.Tensor)]
     precisions = {str(t.dtype).removeprefix("torch.") if t.is_floating_point() else "integer" for t in tensors}
     precisions = {p if p in DEFAULT_TOLERANCES else "float32" for p in precisions}
     return [_to_numpy(t) for t in tensors], precisions
