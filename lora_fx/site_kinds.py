@@ -14,7 +14,7 @@ embeddings are taken only by a rule that names them (`op=`, `module_type=`, `nam
 "every linear-like site", as PEFT's "all-linear" does, and a tied embedding must never be adapted by accident.
 
 To add a kind: a matcher in passes/match.py (node -> Site), a branch module in lora_fx/lora.py (forward, add_delta_),
-a record here; optionally an ONNX fold pattern (passes/onnx_fold.py) and PEFT names. tests/test_site_kinds.py shows
+a record here; optionally an ONNX fold pattern (passes/onnx_fold_rule.py) and PEFT names. tests/test_site_kinds.py shows
 what every kind must pass.
 """
 

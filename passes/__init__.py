@@ -9,7 +9,9 @@
     capture           a new call        -> key, GraphModule   calls of the adapted model traced through these passes
     split_layers      GraphModule       -> layer view         one submodule per layer (checkpointing, FSDP2)
     fold              GraphModule       -> GraphModule        W0 + (alpha/r)·B·A, every LoRA node removed
-    onnx_fold         ONNX model        -> ONNX model         the same fold on an unmerged ONNX export (onnxscript)
+    onnx_fold         ONNX model        -> ONNX model         the same fold on an unmerged ONNX export, by the rule
+                                                              of onnx_fold_rule (onnxscript); onnx_fx_names renames
+                                                              constants the exporter named after removed FX nodes
 
     infra             what the passes share: PassResult, graph signatures, module cloning, frozen norms
 
