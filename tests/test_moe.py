@@ -241,3 +241,17 @@ def test_peft_target_parameters_both_ways(tmp_path, case):
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
     assert (_out(loaded, kwargs) - ours).abs().max() <= 1e-5 * ours.abs().max()
+
+
+def test_lora_fx_adapter_file_round_trip(tmp_path):
+    """save_adapter writes each expert weight's A (E, r, in) and B (E, out, r); adapt_from_adapter rebuilds them."""
+    model = _tiny("qwen3", "grouped_mm")
+    adapted = lora_fx.adapt(copy.deepcopy(model), Rule(role="moe.experts", r=4), example_inputs=(IDS,),
+                            example_kwargs=KW)
+    with torch.no_grad():
+        for p in lora_fx.trainable_parameters(adapted):
+            p.normal_(0, 0.1)
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    again = lora_fx.adapt_from_adapter(copy.deepcopy(model), tmp_path / "adapter", example_inputs=(IDS,),
+                                       example_kwargs=KW)
+    assert torch.equal(_out(again, KW), _out(adapted, KW))
