@@ -13,7 +13,7 @@ builds W + B·A (PEFT's parametrization does, for every expert, at every forward
 
 The branch runs in the activation's dtype (A and B cast to it, as autocast would; they are kept in fp32 when the base
 is 16-bit): grouped matmul kernels take one dtype, and the base already runs in it. torch._grouped_mm runs where it
-can (bf16 on CUDA sm80+, CPU; strides a multiple of 16 bytes); elsewhere the rows gather their expert's A and B and
+can (bf16 on CUDA sm80+, CPU; bf16 only under torch.compile; strides a multiple of 16 bytes); elsewhere the rows gather their expert's A and B and
 run a batched matmul, with the same result.
 """
 
@@ -36,6 +36,8 @@ def can_group(x: torch.Tensor, r: int, out: int) -> bool:
     """Whether torch._grouped_mm runs this branch (forward and backward) on x's device and dtype."""
     if not hasattr(torch, "_grouped_mm") or not _aligned(x.dtype, x.shape[-1], r, out):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # its meta kernel (what torch.compile traces with) takes bf16 only
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"

@@ -255,3 +255,14 @@ def test_lora_fx_adapter_file_round_trip(tmp_path):
     again = lora_fx.adapt_from_adapter(copy.deepcopy(model), tmp_path / "adapter", example_inputs=(IDS,),
                                        example_kwargs=KW)
     assert torch.equal(_out(again, KW), _out(adapted, KW))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapted_moe_compiles_in_one_graph(dtype):
+    """torch.compile sees the grouped LoRA as ordinary ops: one graph, no break (torch._grouped_mm's meta kernel takes
+    bf16 only, so fp32 branches take the gather path while compiling)."""
+    model = _tiny("qwen3", "grouped_mm").to(dtype)
+    adapted = lora_fx.adapt(model, Rule(role="moe.experts", r=8), example_inputs=(IDS,), example_kwargs=KW)
+    adapted(IDS, **KW)
+    explained = torch._dynamo.explain(adapted)(IDS, **KW)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
