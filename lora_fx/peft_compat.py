@@ -350,7 +350,8 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         module_type = site.module_type if site else "?"
         peft_types = kind_of(site).peft_types if site else ()
         bare = site is not None and kind_of(site).name in ("experts", "linear") and not lora.rows \
-            and lora.output_rows is None and lora.weight_name.rpartition(".")[0] == module
+            and lora.output_rows is None and lora.weight_name.rpartition(".")[0] == module != ""  # PEFT wraps the
+        # module that owns a targeted parameter, so it cannot target the top-level module's own parameters
         if (module_type not in peft_types or lora.weight_name != f"{module}.weight") and bare:
             on_parameters.append(lora)  # PEFT's target_parameters (an expert weight, F.linear on a bare parameter)
             continue
@@ -363,7 +364,8 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         by_module.setdefault(module, []).append(lora)
     if problems:
         raise AdapterFileError("PEFT can only hold LoRA on the modules it adapts (Linear, Conv1D, Conv1d/2d, "
-                               f"Embedding); these LoRA weights have no PEFT equivalent: {problems}",
+                               "Embedding) and on whole parameters of submodules (target_parameters); these LoRA "
+                               f"weights have no PEFT equivalent: {problems}",
                                where=type(gm).__name__,
                                fix="save with lora_fx.save_adapter instead, or adapt only those modules")
     entries = []

@@ -266,3 +266,24 @@ def test_adapted_moe_compiles_in_one_graph(dtype):
     adapted(IDS, **KW)
     explained = torch._dynamo.explain(adapted)(IDS, **KW)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_router_lora_saves_as_peft_target_parameters(tmp_path):
+    """A rule that names the router adapts it (F.linear on the router's bare 2-D weight); save_peft_adapter writes it
+    and the experts as target_parameters, which PEFT loads with the same outputs, and lora_fx loads back."""
+    peft = pytest.importorskip("peft")
+    model = _tiny("qwen3", "grouped_mm")
+    adapted = lora_fx.adapt(copy.deepcopy(model), Rule(role=["moe.experts", "moe.router"], r=2),
+                            example_inputs=(IDS,), example_kwargs=KW)
+    assert sum(w.endswith("gate.weight") for w in (l.weight_name for l in adapted.lora_fx.values())) == 2
+    with torch.no_grad():
+        for p in lora_fx.trainable_parameters(adapted):
+            p.normal_(0, 0.1)
+    ours = _out(adapted, KW)
+    lora_fx.save_peft_adapter(adapted, tmp_path / "p")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "p").eval()
+    assert (_out(theirs, KW) - ours).abs().max() <= 1e-5 * ours.abs().max()
+    again = lora_fx.load_peft_adapter(copy.deepcopy(model), tmp_path / "p", example_inputs=(IDS,), example_kwargs=KW)
+    assert torch.equal(_out(again, KW), ours)
