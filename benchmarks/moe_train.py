@@ -21,7 +21,8 @@ the logits on random labels; AdamW on the trainable parameters. Per variant: --w
 compilation: first_step_s), then --steps timed steps; tokens/s = batch*seq / median step time; peak memory =
 torch.cuda.max_memory_allocated over the variant (weights, LoRA, optimizer state, activations). Ratios: lora_fx over
 PEFT, eager and compiled (tokens/s: higher is better; memory: lower is better). Each variant runs in try/except (its
-error is recorded) on a fresh model built with the same seed; the JSON is rewritten after every variant.
+error is recorded) on a fresh model built with the same seed; the JSON is rewritten after every variant, and
+--merge keeps the variants an earlier command wrote to the same --out (to split a run over several commands).
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ def build(config, device: str, dtype: torch.dtype):
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3MoeForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 on the device: no fp32 copy of the weights on the way
+    try:
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.config._attn_implementation = "sdpa"
     model.set_experts_implementation("grouped_mm")
     return model.eval()  # dropout off in every variant (lora_fx's base runs as in eval mode anyway)
@@ -167,6 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results already in --out (variants run in separate commands, one report)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.warmup, args.steps, args.r = 2, 16, 1, 2, 4
@@ -183,12 +191,16 @@ def main(argv=None) -> dict:
                         "experts": config.num_experts, "width": config.moe_intermediate_size,
                         "active": config.num_experts_per_tok, "dtype": str(dtype)},
               "results": {}}
+    if args.merge and args.out.exists():
+        report["results"] = json.loads(args.out.read_text()).get("results", {})
     with torch.device("meta"):
         from transformers import Qwen3MoeForCausalLM
         report["model"]["parameters"] = sum(p.numel() for p in Qwen3MoeForCausalLM(config).parameters())
     for name in [v for v in args.variants.split(",") if v]:
+        started = time.perf_counter()
         try:
             report["results"][name] = run_variant(name, config, args, device, dtype)
+            report["results"][name]["variant_s"] = time.perf_counter() - started
         except Exception as e:  # a variant that fails is recorded, the others still run
             report["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}",
                                        "traceback": traceback.format_exc()[-2000:]}
