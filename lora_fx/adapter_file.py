@@ -297,6 +297,7 @@ def _weight_settings(container: nn.ModuleDict, state: Any) -> dict[str, dict]:
             "layout": lora.weight_layout, "in_features": lora.in_features, "out_features": lora.out_features,
             "kind": kind_of(site).name if site else "linear",
             "kernel_size": list(getattr(lora, "kernel_size", ())) or None,
+            "num_experts": getattr(lora, "num_experts", None),  # an expert weight: A (E, r, in), B (E, out, r)
             "dtype": dtype_name(lora.lora_A.dtype),
         }
     return out
@@ -450,6 +451,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         n_rows = sum(b - a for a, b in s.get("rows") or []) or s["out_features"]
         kernel = tuple(s.get("kernel_size") or ())  # a convolution's A has the layer's kernel, its B 1x1
         want = {"lora_A": (s["r"], s["in_features"], *kernel), "lora_B": (n_rows, s["r"], *(1,) * len(kernel))}
+        experts = s.get("num_experts")
+        if isinstance(experts, int) and not isinstance(experts, bool) and experts > 0:
+            want = {part: (experts, *shape) for part, shape in want.items()}
         for part in ("lora_A", "lora_B"):
             t = tensors.get(f"{w}.{part}")
             if t is None:

@@ -40,6 +40,8 @@ from lora_fx.atomic import atomic_write_dir
 from lora_fx.errors import AdapterFileError, RuleError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.peft_config import PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+from lora_fx.peft_experts import BASE_LAYER, from_peft, parameter_of, peft_layout, strip_base_layer, to_peft, \
+    targeted_in_order, wrapper_path
 from lora_fx.rollback import unchanged_on_error
 from lora_fx.site_kinds import kind_of
 from lora_fx.state import adapter_container
@@ -57,7 +59,6 @@ _UNSUPPORTED = {
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable token embeddings",
-    "target_parameters": "LoRA on bare parameters (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
@@ -137,12 +138,21 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     scaling = "rslora" if config.get("use_rslora") else "standard"
     dropout = float(config.get("lora_dropout") or 0.0)
     problems = []
+    parameters = config.get("target_parameters") or []
+    if parameters and not (isinstance(parameters, list) and all(isinstance(t, str) and t for t in parameters)):
+        problems.append(f"target_parameters={parameters!r} is not a list of parameter names")
+        parameters = []
     for module, parts in sorted(modules.items()):
         why_not = peft_config.not_targeted(config, module, where)
+        if parameters and (why_not is not None or BASE_LAYER in module):
+            # LoRA on a parameter of this module (target_parameters): which one, its E and r need the model
+            # (load_peft_adapter resolves it with lora_fx.peft_experts)
+            why_not = None
+            parts["parameter"] = True
         if why_not is not None:
             problems.append(f"{module}: the file holds LoRA weights for it, but PEFT would not adapt it: {why_not}")
             continue
-        if set(parts) != {"lora_A", "lora_B"}:
+        if set(parts) - {"parameter"} != {"lora_A", "lora_B"}:
             problems.append(f"{module}: only {sorted(parts)} present")
             continue
         a, b = parts["lora_A"], parts["lora_B"]
@@ -155,9 +165,9 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
         r = rank_pattern[rk] if rk is not None else r0
         ak = peft_config.pattern_key(alpha_pattern, module, "alpha_pattern", where)
         alpha = alpha_pattern[ak] if ak is not None else alpha0
-        if r != a.shape[0]:
+        if r != a.shape[0] and not parts.get("parameter"):
             problems.append(f"{module}: the config gives r={r} but lora_A has {a.shape[0]} rows")
-        parts.update(r=int(a.shape[0]), alpha=float(alpha), scaling=scaling, dropout=dropout)
+        parts.update(r=int(a.shape[0]), alpha=float(alpha), scaling=scaling, dropout=dropout, config_r=int(r))
     if problems:
         raise AdapterFileError("the PEFT adapter is inconsistent:\n  - " + "\n  - ".join(problems[:20]),
                                where=str(path), fix="the files come from different saves or were edited: save the "
@@ -184,12 +194,16 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
 
     config, modules = read_peft_adapter(peft_dir)
     full = config.pop("lora_fx_modules_to_save")
+    parameters = _resolve_parameters(model, config, modules, str(peft_dir))  # file path -> (weight, num_experts)
     rules = []
     for module, s in modules.items():
         kwargs = {"r": s["r"], "alpha": s["alpha"], "scaling": s["scaling"]}
-        if s["dropout"] > 0:
+        if module in parameters:
+            kwargs["r"] = s["r"] // max(parameters[module][1], 1)
+        if s["dropout"] > 0 and module not in parameters:
             kwargs["dropout"] = s["dropout"]
-        rules.append(Rule(glob=globlib.escape(module), **kwargs))  # the whole module name, nothing else
+        name = parameters[module][0] if module in parameters else module
+        rules.append(Rule(glob=globlib.escape(name), **kwargs))  # the whole module (or parameter) name, nothing else
     with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
         try:
             adapted = adapt_model(model, rules, example_inputs=example_inputs, example_kwargs=example_kwargs,
@@ -202,12 +216,14 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
                                        f"({config.get('base_model_name_or_path') or 'see base_model_name_or_path'})"
                                    ) from e
         gm, container, state = adapter_container(adapted)
-        module_of = {w: site.module for w, site in sites_by_weight(state).items()}
-        by_module: dict[str, list[str]] = {}
+        # a file entry is a module (target_modules) or a parameter (target_parameters, one module may hold several)
+        by_parameter = {weight: path for path, (weight, _) in parameters.items()}
+        entry_of = {w: by_parameter.get(w, site.module) for w, site in sites_by_weight(state).items()}
+        by_entry: dict[str, list[str]] = {}
         for lora in container.values():
-            by_module.setdefault(module_of.get(lora.weight_name, ""), []).append(lora.weight_name)
-        not_found = sorted(m for m in modules if m not in by_module)
-        several = {m: ws for m, ws in by_module.items() if len(ws) > 1}
+            by_entry.setdefault(entry_of.get(lora.weight_name, ""), []).append(lora.weight_name)
+        not_found = sorted(m for m in modules if m not in by_entry)
+        several = {m: ws for m, ws in by_entry.items() if len(ws) > 1}
         if not_found or several:
             raise AdapterFileError(
                 "the PEFT adapter does not fit this model's graph: "
@@ -217,9 +233,42 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
                 where=str(peft_dir),
                 fix="load it onto the model it was trained on; transformers models need frontend='export'")
         tensors = {f"{m}.{p}": s[p] for m, s in modules.items() for p in ("lora_A", "lora_B")}
+        layouts = {lora.weight_name: lora.weight_layout for lora in container.values()}
+        for path, (weight, experts) in parameters.items():
+            a, b = from_peft(modules[path]["lora_A"], modules[path]["lora_B"], experts, peft_layout(model, weight),
+                             layouts[weight])
+            tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = a, b
         check_and_copy(gm, container, tensors, source=str(peft_dir), strict=True,
-                       key_of=lambda weight, part: f"{module_of[weight]}.{part}", full=full)
+                       key_of=lambda weight, part: f"{entry_of[weight]}.{part}", full=full)
         return adapted
+
+
+def _resolve_parameters(model: nn.Module, config: dict, modules: dict, where: str) -> dict[str, tuple[str, int]]:
+    """{file path: (parameter name, num_experts or 0 for a 2-D weight)} for the target_parameters LoRA of a file,
+    found in the model by PEFT's nesting rule (lora_fx.peft_experts); r checked against the config's."""
+    found, problems = {}, []
+    for path, s in modules.items():
+        if not s.get("parameter"):
+            continue
+        weight = parameter_of(model, path, config.get("target_parameters") or [])
+        if weight is None:
+            why = peft_config.not_targeted(config, strip_base_layer(path), where)
+            problems.append(f"{path}: PEFT would not adapt it ({why or 'no parameter of it is in target_parameters'})")
+            continue
+        w = model.get_parameter(weight)
+        experts = int(w.shape[0]) if w.dim() == 3 else 0
+        rows, cols = s["lora_A"].shape[0], s["lora_B"].shape[1]
+        e = max(experts, 1)
+        if w.dim() not in (2, 3) or rows % e or rows // e != s["config_r"]:
+            problems.append(f"{path}: lora_A {tuple(s['lora_A'].shape)} is not (r·E, in) with r={s['config_r']} and "
+                            f"E={e} for {weight} {tuple(w.shape)}")
+            continue
+        found[path] = (weight, experts)
+    if problems:
+        raise AdapterFileError("the PEFT adapter's target_parameters LoRA does not fit this model:\n  - "
+                               + "\n  - ".join(problems[:20]), where=where,
+                               fix="load it onto the model it was trained on")
+    return found
 
 
 def _anchored(name: str) -> str:
@@ -238,6 +287,7 @@ class _PeftEntry:
     rslora: bool
     dropout: float
     layout: str
+    name: str = ""  # a target_parameters entry: the parameter's name (module is then PEFT's wrapper path)
 
 
 def _combine_slices(module: str, loras: list) -> _PeftEntry:
@@ -256,6 +306,21 @@ def _combine_slices(module: str, loras: list) -> _PeftEntry:
     dropouts = {l.dropout.p if isinstance(l.dropout, nn.Dropout) else 0.0 for l in loras}
     return _PeftEntry(module, A.to(loras[0].lora_A.dtype), B.to(loras[0].lora_B.dtype), r_total, float(r_total),
                       False, max(dropouts), loras[0].weight_layout)
+
+
+def _parameter_entries(model: nn.Module, loras: list) -> list[_PeftEntry]:
+    """PEFT target_parameters entries for LoRA on bare parameters: A and B in PEFT's layout, under the path of the
+    wrapper PEFT nests for each parameter of a module (lora_fx.peft_experts)."""
+    chosen = {lora.weight_name for lora in loras}
+    out = []
+    for lora in loras:
+        module, _, name = lora.weight_name.rpartition(".")
+        names = targeted_in_order(model, module, lambda w: w in chosen)
+        a, b = to_peft(lora.lora_A.detach(), lora.lora_B.detach(), peft_layout(model, lora.weight_name),
+                       lora.weight_layout)
+        out.append(_PeftEntry(wrapper_path(module, names, name), a, b, lora.r, lora.alpha,
+                              lora.scaling_kind == "rslora", 0.0, lora.weight_layout, name=lora.weight_name))
+    return out
 
 
 def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
@@ -277,12 +342,18 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
                                    "dict into a plain adapted copy and save that")
     sites = sites_by_weight(state)
     by_module: dict[str, list] = {}
-    problems = []
+    problems, on_parameters = [], []
     for lora in container.values():
         site = sites.get(lora.weight_name)
         module = site.module if site else lora.weight_name.rpartition(".")[0]
         module_type = site.module_type if site else "?"
         peft_types = kind_of(site).peft_types if site else ()
+        bare = site is not None and kind_of(site).name in ("experts", "linear") and not lora.rows \
+            and lora.output_rows is None and lora.weight_name.rpartition(".")[0] == module != ""  # PEFT wraps the
+        # module that owns a targeted parameter, so it cannot target the top-level module's own parameters
+        if (module_type not in peft_types or lora.weight_name != f"{module}.weight") and bare:
+            on_parameters.append(lora)  # PEFT's target_parameters (an expert weight, F.linear on a bare parameter)
+            continue
         if module_type not in peft_types or lora.weight_name != f"{module}.weight":
             problems.append(f"{lora.weight_name} (a {site.op if site else '?'} site on a {module_type})")
             continue
@@ -292,7 +363,8 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         by_module.setdefault(module, []).append(lora)
     if problems:
         raise AdapterFileError("PEFT can only hold LoRA on the modules it adapts (Linear, Conv1D, Conv1d/2d, "
-                               f"Embedding); these LoRA weights have no PEFT equivalent: {problems}",
+                               "Embedding) and on whole parameters of submodules (target_parameters); these LoRA "
+                               f"weights have no PEFT equivalent: {problems}",
                                where=type(gm).__name__,
                                fix="save with lora_fx.save_adapter instead, or adapt only those modules")
     entries = []
@@ -308,6 +380,7 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
             raise AdapterFileError(f"{module} has a whole-weight LoRA and row slices at once", where=module,
                                    fix="save with lora_fx.save_adapter instead")
 
+    entries += _parameter_entries(gm, on_parameters)
     all_rslora = all(e.rslora for e in entries)
 
     def alpha_of(e: _PeftEntry) -> float | int:
@@ -318,9 +391,14 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
 
     pairs = Counter((e.r, alpha_of(e)) for e in entries)
     (r0, alpha0), _ = max(pairs.items(), key=lambda kv: kv[1])
-    rank_pattern = {_anchored(e.module): e.r for e in entries if e.r != r0}
-    alpha_pattern = {_anchored(e.module): alpha_of(e) for e in entries if alpha_of(e) != alpha0}
-    layouts = {e.layout for e in entries}
+    rank_pattern = {_anchored(e.name or e.module): e.r for e in entries if e.r != r0}
+    alpha_pattern = {_anchored(e.name or e.module): alpha_of(e) for e in entries if alpha_of(e) != alpha0}
+    layouts = {e.layout for e in entries if not e.name}
+    parameters = sorted(e.name for e in entries if e.name)
+    if parameters and layouts == {"in_out"}:
+        raise AdapterFileError("PEFT cannot hold LoRA on GPT-2 Conv1D modules (fan_in_fan_out) and on parameters "
+                               "(target_parameters) in one adapter", where=type(gm).__name__,
+                               fix="save with lora_fx.save_adapter instead, or adapt only one of the two")
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -332,10 +410,13 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         "alpha_pattern": alpha_pattern,
         "use_rslora": all_rslora,
         # re.fullmatch on the module name: exactly these modules
-        "target_modules": "|".join(f"(?:{re.escape(e.module)})" for e in sorted(entries, key=lambda e: e.module)),
+        "target_modules": "|".join(f"(?:{re.escape(e.module)})" for e in sorted(entries, key=lambda e: e.module)
+                                   if not e.name) or [],  # [] (not None, which PEFT fills from the model type)
+        "target_parameters": parameters or None,
         "exclude_modules": None,
         "fan_in_fan_out": layouts == {"in_out"},  # PEFT corrects it per module (Conv1D in_out, Linear out_in)
-        "lora_dropout": max(e.dropout for e in entries),  # PEFT has one dropout; only matters for training
+        # PEFT has one dropout; only matters for training; PEFT's target_parameters LoRA refuses any
+        "lora_dropout": 0.0 if parameters else max(e.dropout for e in entries),
         "bias": "none",
         "use_dora": False,
         "modules_to_save": list(state.modules_to_save) or None,

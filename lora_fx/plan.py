@@ -154,7 +154,8 @@ class Plan:
             return 0
         if d.rows:
             return sum(d.settings.r * (d.site.in_features + sum(e - s for s, e in ranges)) for _, ranges in d.rows)
-        return d.settings.r * (d.site.in_features + d.site.out_features)
+        # an expert weight has one A and one B per expert
+        return d.settings.r * (d.site.in_features + d.site.out_features) * d.site.param("num_experts", 1)
 
     def parameters_added(self) -> int:
         """LoRA parameters adapt would add (a weight used at several sites counts once)."""
@@ -166,7 +167,7 @@ class Plan:
             s = d.site
             rows.append({
                 "site": s.name, "node": s.node, "op": s.op, "weight": s.weight,
-                "shape": f"{s.out_features}x{s.in_features}", "roles": list(s.roles), "layer": s.layer,
+                "shape": (f"{s.param('num_experts')}x" if s.param("num_experts") else "") + f"{s.out_features}x{s.in_features}", "roles": list(s.roles), "layer": s.layer,
                 "rule": d.rule_index, "adapted": d.adapted,
                 "r": d.settings.r if d.settings else None, "requested_r": d.requested_r,
                 "alpha": d.settings.alpha if d.settings else None,

@@ -37,6 +37,9 @@ from lora_fx.site import OP_KINDS, Site
 from lora_fx.site_kinds import kind_of
 
 
+ROUTER = "moe.router"  # lora_fx.passes.roles.ROUTER: the role rules=None and rules that do not name it leave alone
+
+
 def _as_tuple(value: Any) -> tuple | None:
     if value is None:
         return None
@@ -196,6 +199,8 @@ class Rule:
                 and self.glob is None:
             return (f"a {kind.name} site is taken only by a rule that names it (op={kind.ops[0]!r}, module_type=, "
                     f"name= or glob=)")
+        if ROUTER in site.roles and self.name is None and self.glob is None and ROUTER not in (self.role or ()):
+            return f"an MoE router is adapted only by a rule that names it (role={ROUTER!r}, name= or glob=)"
         if self.name is not None and not self._name_holds(names):
             return f"name {site.name!r} does not match {self.name!r}"
         if self.glob is not None and not any(fnmatch.fnmatchcase(n, self.glob) for n in names):
@@ -365,6 +370,9 @@ def _decide_site(site: Site, rules: list[Rule] | None, defaults: LoraSettings) -
     if rules is None and not kind_of(site).implicit:
         return [Decision(site, None, None, f"rules=None adapts linear-like sites; a {kind_of(site).name} site needs "
                                            f"a rule that names it, e.g. Rule(op={kind_of(site).ops[0]!r})")]
+    if rules is None and ROUTER in site.roles:
+        return [Decision(site, None, None, f"rules=None leaves the MoE router frozen (docs/rules.md); select it with "
+                                           f"Rule(role={ROUTER!r})")]
     if rules is None:
         return [Decision(site, None, defaults, "rules=None: every linear-like site")]
     if not site.role_rows:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # What op a site is. Rules select on these names (Rule(op=...)); lora_fx.site_kinds groups them into kinds of site
-# (linear, conv, embedding), each with its own LoRA math.
-OP_KINDS = ("linear_module", "functional_linear", "matmul", "conv1d", "conv", "embedding")
+# (linear, conv, embedding, experts), each with its own LoRA math. The experts ops name how a 3-D expert weight
+# is read (lora_fx.passes.match_experts).
+OP_KINDS = ("linear_module", "functional_linear", "matmul", "conv1d", "conv", "embedding", "grouped", "x_first",
+            "w_first")
 
 # How the weight is stored: nn.Linear keeps (out, in); GPT-2's Conv1D and `x @ W` keep (in, out).
 OUT_IN, IN_OUT = "out_in", "in_out"
@@ -51,8 +53,9 @@ class Site:
 
     @property
     def name(self) -> str:
-        """The name users see: the owning module's name, or the parameter's for a bare parameter."""
-        return self.module or self.weight
+        """The name users see: the owning module's name, or the parameter's for a bare parameter or an expert
+        weight (a module holds several: gate_up_proj and down_proj)."""
+        return self.weight if self.param("num_experts") is not None else self.module or self.weight
 
     def to_dict(self) -> dict:
         return asdict(self)

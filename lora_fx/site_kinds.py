@@ -8,10 +8,13 @@ ONNX pattern the ONNX-level fold knows it by, and what PEFT calls it:
     linear      linear_module functional_linear matmul conv1d     LoraLinear     Linear, Conv1D (GPT-2)
     conv        conv                                              LoraConv       Conv1d, Conv2d
     embedding   embedding                                         LoraEmbedding  Embedding
+    experts     grouped x_first w_first                           LoraExperts    (target_parameters)
 
 Linear sites are *implicit*: rules=None and rules that select by role, layer or shape take them. Convolutions and
 embeddings are taken only by a rule that names them (`op=`, `module_type=`, `name=` or `glob=`): rules=None means
 "every linear-like site", as PEFT's "all-linear" does, and a tied embedding must never be adapted by accident.
+Expert sites (a 3-D parameter of num_experts slices, passes/match_experts.py) are implicit: in a mixture-of-experts
+model they hold most of the weights, and each slice is a linear layer.
 
 To add a kind: a matcher in passes/match.py (node -> Site), a branch module in lora_fx/lora.py (forward, add_delta_),
 a record here; optionally an ONNX fold pattern (passes/onnx_fold_rule.py) and PEFT names. tests/test_site_kinds.py shows
@@ -27,7 +30,9 @@ import torch
 from torch import nn
 
 from lora_fx.lora import LoraConv, LoraEmbedding, LoraLinear
+from lora_fx.lora_experts import LoraExperts
 from lora_fx.passes.match import match_conv, match_embedding, match_linear
+from lora_fx.passes.match_experts import match_experts, selector
 from lora_fx.site import Site
 
 if TYPE_CHECKING:
@@ -46,6 +51,8 @@ class SiteKind:
     peft_types: tuple[str, ...]  # module class names PEFT adapts this way
     peft_keys: tuple[str, str]  # PEFT's tensor names for A and B
     onnx_foldable: bool  # the ONNX-level fold (lora_fx.fold_onnx) has a pattern for its branches
+    # what the branch takes beside x at a site: branch_inputs(site, node) -> (args, kwargs)
+    branch_inputs: Callable[[Site, object], tuple[tuple, dict]] = lambda site, node: ((), {})
 
 
 def _lora_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -75,6 +82,16 @@ def _embedding(site: Site, s: LoraSettings, weight: torch.Tensor, rows: tuple = 
     return LoraEmbedding(site.in_features, site.out_features, padding_idx=site.param("padding_idx"), **common)
 
 
+def _experts(site: Site, s: LoraSettings, weight: torch.Tensor, rows: tuple = ()) -> LoraExperts:
+    return LoraExperts(site.param("num_experts"), site.in_features, site.out_features,
+                       weight_layout=site.weight_layout, **_common(site, s, weight))
+
+
+def _expert_inputs(site: Site, node) -> tuple[tuple, dict]:
+    """The routing the base op used (offs, or the expert index / ids), and how it reads the weight."""
+    return (selector(node, site),), {"form": site.param("form")}
+
+
 def _check_conv(site: Site) -> str | None:
     if site.param("groups", 1) != 1:
         return (f"a grouped convolution (groups={site.param('groups')}): B∘A of one LoRA is not block-diagonal, so "
@@ -98,6 +115,9 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in [
              peft_keys=("lora_A", "lora_B"), onnx_foldable=False),
     SiteKind("embedding", ("embedding",), match_embedding, LoraEmbedding, _embedding, _check_embedding, implicit=False,
              peft_types=("Embedding",), peft_keys=("lora_embedding_A", "lora_embedding_B"), onnx_foldable=False),
+    SiteKind("experts", ("grouped", "x_first", "w_first"), match_experts, LoraExperts, _experts, lambda site: None,
+             implicit=True, peft_types=(), peft_keys=("lora_A", "lora_B"), onnx_foldable=False,
+             branch_inputs=_expert_inputs),
 ]}
 
 BRANCHES: tuple[type[nn.Module], ...] = tuple(k.branch for k in KINDS.values())

@@ -112,8 +112,9 @@ def inject(gm: fx.GraphModule, adapter: str, container: nn.ModuleDict,
     for site, key in where:
         base = nodes[site.node]
         x = node_input(base, site.input_arg)
+        extra, kwargs = kind_of(site).branch_inputs(site, base)  # an expert branch also takes the routing
         with gm.graph.inserting_after(base):
-            branch = gm.graph.call_module(f"{container_name(adapter)}.{key}", (x,))
+            branch = gm.graph.call_module(f"{container_name(adapter)}.{key}", (x, *extra), kwargs)
         with gm.graph.inserting_after(branch):
             add = gm.graph.call_function(operator.add, (base, branch))
         base.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)

@@ -17,6 +17,13 @@ finds the attention ops in an FX graph and follows data flow from them back to t
                              poolers and input projections are not bypassed by a residual connection and get no
                              role.
 
+Mixture-of-experts roles:
+  moe.experts                an expert weight's site (a 3-D parameter read a slice per expert: the "experts" kind of
+                             lora_fx.site_kinds, passes/match_experts.py).
+  moe.router                 a linear-like site whose output reaches a top-k op (the expert choice) through
+                             softmax/sigmoid, casts, layout ops and elementwise scaling or bias: the router (gate) of
+                             an MoE layer. It has no `mlp` role, and a rule must name it to adapt it (docs/rules.md).
+
 Attention ops it knows:
   * scaled_dot_product_attention: F.scaled_dot_product_attention (symbolic tracing),
     aten.scaled_dot_product_attention and aten._scaled_dot_product_{flash,efficient,cudnn,...}_attention (export);
@@ -45,6 +52,7 @@ from lora_fx.passes.match import node_input
 from lora_fx.site import Site
 
 Q, K, V, OUT, MLP = "attn.q", "attn.k", "attn.v", "attn.out", "mlp"
+EXPERTS, ROUTER = "moe.experts", "moe.router"
 QKV = (Q, K, V)
 
 # ------------------------------------------------------------------------------------------------ op vocabulary
@@ -319,10 +327,45 @@ def find_attn_out(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> s
     return found
 
 
-def find_mlp(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> set[str]:
-    """Sites that are not attention projections and whose output a residual connection bypasses."""
+def find_moe_experts(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> set[str]:
+    """Sites of an expert weight (a 3-D parameter read one slice per expert)."""
+    from lora_fx.site_kinds import kind_of  # the registry imports the match passes, which this module's users load
+
+    return {s.node for s in sites if kind_of(s).name == "experts"}
+
+
+# From a router's logits to its top-k: probabilities, casts, layout, scaling and a bias (DeepSeek's correction).
+ROUTER_OPS = {"softmax", "_softmax", "sigmoid", "to", "_to_copy", "float", "type_as", "view", "reshape",
+              "_unsafe_view", "contiguous", "add", "mul", "div", "truediv", "clone", "unsqueeze", "squeeze"}
+TOPK_OPS = {"topk"}
+
+
+def find_moe_router(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> set[str]:
+    """Linear-like sites whose output reaches a top-k op through ROUTER_OPS: the choice of experts."""
+    from lora_fx.site_kinds import kind_of
+
     a = _analysis(gm, sites, graph)
-    attention_roles = set()
+    found = set()
+    for s in sites:
+        node = a.nodes.get(s.node)
+        if node is None or kind_of(s).name != "linear":
+            continue
+        frontier, seen = [node], {node}
+        while frontier and s.node not in found:
+            for user in frontier.pop().users:
+                name = a.names.get(user)
+                if name in TOPK_OPS:
+                    found.add(s.node)
+                elif name in ROUTER_OPS and user not in seen and user not in a.site_terminals:
+                    seen.add(user)
+                    frontier.append(user)
+    return found
+
+
+def find_mlp(gm: fx.GraphModule, sites: list[Site], graph: nx.DiGraph) -> set[str]:
+    """Sites that are not attention projections nor MoE routers and whose output a residual connection bypasses."""
+    a = _analysis(gm, sites, graph)
+    attention_roles = set(find_moe_router(gm, sites, graph))
     for role in (Q, K, V, OUT):
         attention_roles |= set(_REGISTRY[role](gm, sites, graph)) if role in _REGISTRY else set()
     attention_nodes = {n.name for att in a.attention for n in att.nodes}
@@ -375,6 +418,8 @@ _REGISTRY: dict[str, RoleFinder] = {
     MLP: find_mlp,
 }
 BUILTIN_ROLES = tuple(_REGISTRY)
+_REGISTRY[EXPERTS], _REGISTRY[ROUTER] = find_moe_experts, find_moe_router
+MOE_ROLES = (EXPERTS, ROUTER)  # built in too, after the attention and MLP roles
 
 
 def register_role(name: str, finder: RoleFinder, *, replace: bool = False) -> None:

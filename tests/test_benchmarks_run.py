@@ -166,3 +166,22 @@ def test_generate_latency_tiny_runs_end_to_end(tmp_path):
     assert data["ratios"]["1"]["base"] == {"prefill": 1.0, "decode": 1.0}
     assert _positive(data["torch_generate"]["1"]["decode_tokens_per_s"])
     assert "| batch | variant | prefill ms |" in proc.stdout
+
+
+def test_moe_train_tiny_runs_end_to_end(tmp_path):
+    """benchmarks/moe_train.py --tiny: lora_fx and PEFT target_parameters train the same LoRA (same count of
+    trainable parameters, same loss at the first step within rounding) and report tokens/s and their ratio."""
+    pytest.importorskip("peft")
+    out = tmp_path / "moe_tiny.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_train.py"), "--tiny", "--variants",
+                           "lora_fx_eager,peft_eager", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert set(results) == {"lora_fx_eager", "peft_eager"}, results
+    for name, r in results.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert _positive(r["tokens_per_s"]) and _positive(r["median_step_s"]) and r["peak_memory_gib"] is None
+    assert results["lora_fx_eager"]["trainable_parameters"] == results["peft_eager"]["trainable_parameters"]
+    assert _positive(data["ratios"]["eager_tokens_per_s"])
+    assert data["model"]["parameters"] > 0
