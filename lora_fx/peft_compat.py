@@ -257,7 +257,7 @@ def _resolve_parameters(model: nn.Module, config: dict, modules: dict, where: st
             continue
         w = model.get_parameter(weight)
         experts = int(w.shape[0]) if w.dim() == 3 else 0
-        rows, cols = s["lora_A"].shape[0], s["lora_B"].shape[1]
+        rows = s["lora_A"].shape[0]
         e = max(experts, 1)
         if w.dim() not in (2, 3) or rows % e or rows // e != s["config_r"]:
             problems.append(f"{path}: lora_A {tuple(s['lora_A'].shape)} is not (r·E, in) with r={s['config_r']} and "
