@@ -23,6 +23,7 @@ from torch import nn
 import lora_fx
 from lora_fx import Rule
 from lora_fx.lora_experts import LoraExperts
+from zoo.catalogue import LoopMoE
 
 transformers = pytest.importorskip("transformers")
 KW = {"use_cache": False}
@@ -46,43 +47,7 @@ def _tiny(family: str, impl: str) -> nn.Module:
     return model.eval()
 
 
-class LoopExperts(nn.Module):
-    """Router and expert weights of LoopMoE (PEFT wraps the module that owns a targeted parameter)."""
-
-    def __init__(self, dim: int, hidden: int, experts: int):
-        super().__init__()
-        self.router = nn.Parameter(torch.randn(experts, dim) * 0.5)
-        self.up = nn.Parameter(torch.randn(experts, hidden, dim) * 0.3)  # (E, out, in), read by F.linear
-        self.down = nn.Parameter(torch.randn(experts, hidden, dim) * 0.3)  # (E, in, out), read by x @ W[e]
-        self.experts = experts
-
-    def forward(self, x):
-        probs = F.softmax(F.linear(x, self.router), dim=-1)
-        top, index = torch.topk(probs, 2, dim=-1)
-        out = torch.zeros_like(x)
-        for e in range(self.experts):
-            weight = (top * (index == e)).sum(-1, keepdim=True)
-            out = out + weight * (F.silu(F.linear(x, self.up[e])) @ self.down[e])
-        return out
-
-
-class LoopMoE(nn.Module):
-    """A model around a top-2 MoE layer written as a loop over experts (dense: every expert sees every token, weighted by its
-    routing weight, zero when not chosen), so that torch.fx traces it: W[e] slices feed F.linear (up, stored
-    (E, out, in)) and x @ W[e] (down, stored (E, in, out))."""
-
-    def __init__(self, dim: int = 16, hidden: int = 24, experts: int = 4, vocab: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.moe = LoopExperts(dim, hidden, experts)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        return self.head(x + self.moe(x))
-
-
-def _loop_moe() -> nn.Module:
+def _loop_moe() -> nn.Module:  # the catalogue's LoopMoE (tests/zoo)
     torch.manual_seed(0)
     return LoopMoE().eval()
 

@@ -342,6 +342,73 @@ def gpt2_tied(attn: str = "sdpa", batch: int = BATCH, seq: int = SEQ):
     return gpt2(attn, tie=True, batch=batch, seq=seq)
 
 
+# ------------------------------------------------------------------------------------------------ mixture of experts
+def _moe(family: str, impl: str, batch: int = BATCH, seq: int = SEQ):
+    """A tiny Qwen3-MoE or Mixtral with 4 experts, top-2, its experts run by `impl` (transformers' grouped_mm or
+    batched_mm). HF leaves the expert tensors tiny or empty at init: every expert gets its own random weights."""
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    if family == "qwen3":
+        model = _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "sdpa", intermediate_size=48, moe_intermediate_size=16,
+                    num_experts=4, **common)
+    else:
+        model = _hf("MixtralConfig", "MixtralForCausalLM", "sdpa", intermediate_size=16, num_local_experts=4, **common)
+    model.set_experts_implementation(impl)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or name.endswith("gate.weight"):
+                p.normal_(0, 0.2)
+    return (model.eval(), *_ids_mask(batch, seq))
+
+
+def _moe_case(family: str, impl: str):
+    def build(batch: int = BATCH, seq: int = SEQ):
+        return _moe(family, impl, batch, seq)
+    build.__name__ = f"{family}_moe_{impl}"
+    return build
+
+
+class LoopExperts(nn.Module):
+    """Router and expert weights of LoopMoE (PEFT wraps the module that owns a targeted parameter)."""
+
+    def __init__(self, dim: int, hidden: int, experts: int):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(experts, dim) * 0.5)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) * 0.3)  # (E, out, in), read by F.linear
+        self.down = nn.Parameter(torch.randn(experts, hidden, dim) * 0.3)  # (E, in, out), read by x @ W[e]
+        self.experts = experts
+
+    def forward(self, x):
+        probs = F.softmax(F.linear(x, self.router), dim=-1)
+        top, index = torch.topk(probs, 2, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(self.experts):
+            weight = (top * (index == e)).sum(-1, keepdim=True)
+            out = out + weight * (F.silu(F.linear(x, self.up[e])) @ self.down[e])
+        return out
+
+
+class LoopMoE(nn.Module):
+    """A model around a top-2 MoE layer written as a loop over experts (dense: every expert sees every token, weighted by its
+    routing weight, zero when not chosen), so that torch.fx traces it: W[e] slices feed F.linear (up, stored
+    (E, out, in)) and x @ W[e] (down, stored (E, in, out))."""
+
+    def __init__(self, dim: int = 16, hidden: int = 24, experts: int = 4, vocab: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.moe = LoopExperts(dim, hidden, experts)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(x + self.moe(x))
+
+
+def loop_moe(batch: int = BATCH, seq: int = SEQ):
+    _seeded()
+    return LoopMoE(vocab=VOCAB).eval(), (random_ids(batch, seq),), {}
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 @dataclass(frozen=True)
 class Entry:
@@ -422,6 +489,13 @@ ZOO: list[Entry] = [
     Entry("torch-shared_weight", shared_weight, ("fx", "export"), "torch"),
     Entry("torch-conv_bn", conv_bn, ("fx", "export"), "torch", dynamic_seq=False,
           notes="Conv2d is not a linear-like site: only the classifier is adapted"),
+    *[Entry(f"{family}_moe-{impl}", _moe_case(family, impl), ("export",), "transformers", lm=True, slow=True,
+            fx_fails=True, notes=("experts as a grouped matmul: no ONNX translation exists for it, base or merged "
+                                  "(docs/onnx.md: export with batched_mm)") if impl == "grouped_mm" else
+            "experts as index + bmm: LoRA on both expert weights, the router left frozen")
+      for family in ("qwen3", "mixtral") for impl in ("grouped_mm", "batched_mm")],
+    Entry("torch-loop_moe", loop_moe, ("fx", "export"), "torch", lm=True,
+          notes="a loop over experts: F.linear(x, W[e]) and x @ W[e] on 3-D parameters"),
 ]
 
 # Special cases that are not part of the plain matrix (the tests look at them one by one).
@@ -436,5 +510,9 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in ZOO} | EXTRAS
 
 
 # Bugs this matrix found (reported with a repro and a proposed fix), and the cases they make fail today.
-BUGS: dict[str, str] = {}  # bug id -> what is wrong; empty: every bug this matrix found is fixed
-KNOWN_BUGS: dict[str, str] = {}  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
+BUGS: dict[str, str] = {  # bug id -> what is wrong
+    "grouped-mm-onnx": "torch.onnx has no translation for transformers' grouped_mm experts (base and merged alike; docs/onnx.md)",
+}
+KNOWN_BUGS: dict[str, str] = {  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
+    "onnx:qwen3_moe-grouped_mm-export": "grouped-mm-onnx", "onnx:mixtral_moe-grouped_mm-export": "grouped-mm-onnx",
+}
