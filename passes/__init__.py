@@ -2,6 +2,7 @@
 
     trace             model, call       -> GraphModule        symbolic tracing, or torch.export when that fails
     match             GraphModule       -> [Site]             every linear-like call on a parameter (site kinds)
+    match_experts     GraphModule       -> [Site]             3-D expert weights: grouped matmul, W[e] slices, bmm
     roles             [Site]            -> [Site] with roles  q/k/v/out/mlp found from the graph's structure
     packed_rows       packed weight     -> rows per role      a fused qkv's row ranges, or why they were lost
     inject            GraphModule       -> GraphModule        a LoRA branch and an add beside each chosen site
