@@ -46,4 +46,4 @@ __all__ = ["adapt", "fold", "graph", "capture_info", "trainable_parameters", "No
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
            "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
            "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport", "checkpoint_layers",
-           "split_layers"]
+           "split_layers", "generate_onnx", "write_genai_config"]

@@ -212,3 +212,67 @@ def test_dtype_of_a_bare_torch_export_graph_is_refused_with_the_way_out(llama_fi
     with pytest.raises(lora_fx.InputError, match="keeps the casts it was traced with") as err:
         lora_fx.export_onnx(graph, tmp_path / "g.onnx", (ids,), dtype=torch.float16)
     assert "lora_fx.fold(adapted)" in err.value.fix and not (tmp_path / "g.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ a real client
+_GENAI_RUN = r"""
+import json, sys
+import numpy as np
+import onnxruntime_genai as og
+folder, prompt, length = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = og.Model(folder)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=length, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens(np.array([prompt], dtype=np.int32))
+while not generator.is_done():
+    generator.generate_next_token()
+print(json.dumps([int(t) for t in generator.get_sequence(0)]))
+"""
+
+
+def _genai_python() -> str | None:
+    """A Python with onnxruntime-genai: LORA_FX_GENAI_PYTHON, or this one. genai pins the CPU onnxruntime package,
+    which cannot sit beside onnxruntime-gpu in one environment, so CI (no genai) skips; run it with a separate venv:
+    python3 -m venv /tmp/vg && /tmp/vg/bin/pip install onnxruntime-genai; LORA_FX_GENAI_PYTHON=/tmp/vg/bin/python."""
+    import importlib.util
+    import os
+    import sys
+
+    if os.environ.get("LORA_FX_GENAI_PYTHON"):
+        return os.environ["LORA_FX_GENAI_PYTHON"]
+    return sys.executable if importlib.util.find_spec("onnxruntime_genai") else None
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_onnxruntime_genai_serves_the_merged_file_with_the_tokens_of_generate(name, tmp_path):
+    """onnxruntime-genai, a real client, loads the merged KV-cache file with the genai_config.json lora_fx writes, and
+    its greedy tokens equal transformers generate on the merged model (fp32 CPU: the same argmax)."""
+    import json
+    import subprocess
+
+    python = _genai_python()
+    if python is None:
+        pytest.skip("onnxruntime-genai not installed (set LORA_FX_GENAI_PYTHON to a Python that has it)")
+    _, merged = adapted_and_merged(family(name))
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    lora_fx.export_onnx(merged, folder / "model.onnx", kv_cache=True)
+    config = json.loads(lora_fx.write_genai_config(folder / "model.onnx", merged.config).read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["decoder"]["head_size"] == 8
+    prompt = [5, 17, 33, 8, 41, 9]
+    want = merged.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)[0].tolist()
+    done = subprocess.run([python, "-c", _GENAI_RUN, str(folder), json.dumps(prompt), str(len(want))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want
+
+
+def test_write_genai_config_needs_the_file_and_a_decoder_config(tmp_path):
+    with pytest.raises(lora_fx.ExportError, match="does not exist"):
+        lora_fx.write_genai_config(tmp_path / "missing.onnx", transformers.LlamaConfig(**SMALL))
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(lora_fx.InputError, match="config has no"):
+        lora_fx.write_genai_config(tmp_path / "model.onnx", object())
+    assert not (tmp_path / "genai_config.json").exists()

@@ -7,6 +7,7 @@
     fold.py     fold_onnx: the ONNX-level fold as file I/O (the rewrite rule is lora_fx.passes.onnx_fold_rule)
     kv_cache.py a decoder's KV cache as graph inputs and outputs (export_onnx(kv_cache=True))
     generate.py generate_onnx: greedy or sampled tokens from a KV-cache file, IO binding on the device
+    genai.py    write_genai_config: genai_config.json beside a KV-cache file, for onnxruntime-genai
 
 Names load lazily: importing lora_fx never imports onnx, onnxscript or onnxruntime.
 """
@@ -23,6 +24,7 @@ _HOMES = {
     "time_session": "runtime",
     "fold_onnx": "fold", "FoldOnnxReport": "fold",
     "generate_onnx": "generate",
+    "write_genai_config": "genai",
 }
 
 
