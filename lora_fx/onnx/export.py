@@ -23,6 +23,7 @@ import torch
 
 from lora_fx.atomic import atomic_file
 from lora_fx.errors import ExportError, InputError
+from lora_fx.onnx.translations import custom_translations
 from lora_fx.onnx.names import axis_names, dynamic_specs, name_interface, output_names, without_pinned
 from lora_fx.passes.causal_attention import with_masked_attention
 from lora_fx.passes.trace import eval_mode
@@ -205,6 +206,7 @@ def _export(
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
                 report=False,
+                custom_translation_table=custom_translations() or None,
             )
             _optimize(program.model)
             name_interface(program.model)

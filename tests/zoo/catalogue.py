@@ -490,8 +490,8 @@ ZOO: list[Entry] = [
     Entry("torch-conv_bn", conv_bn, ("fx", "export"), "torch", dynamic_seq=False,
           notes="Conv2d is not a linear-like site: only the classifier is adapted"),
     *[Entry(f"{family}_moe-{impl}", _moe_case(family, impl), ("export",), "transformers", lm=True, slow=True,
-            fx_fails=True, notes=("experts as a grouped matmul: no ONNX translation exists for it, base or merged "
-                                  "(docs/onnx.md: export with batched_mm)") if impl == "grouped_mm" else
+            fx_fails=True, notes=("experts as a grouped matmul (transformers' custom op), exported through "
+                                  "lora_fx's ONNX translation of it") if impl == "grouped_mm" else
             "experts as index + bmm: LoRA on both expert weights, the router left frozen")
       for family in ("qwen3", "mixtral") for impl in ("grouped_mm", "batched_mm")],
     Entry("torch-loop_moe", loop_moe, ("fx", "export"), "torch", lm=True,
@@ -510,9 +510,5 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in ZOO} | EXTRAS
 
 
 # Bugs this matrix found (reported with a repro and a proposed fix), and the cases they make fail today.
-BUGS: dict[str, str] = {  # bug id -> what is wrong
-    "grouped-mm-onnx": "torch.onnx has no translation for transformers' grouped_mm experts (base and merged alike; docs/onnx.md)",
-}
-KNOWN_BUGS: dict[str, str] = {  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
-    "onnx:qwen3_moe-grouped_mm-export": "grouped-mm-onnx", "onnx:mixtral_moe-grouped_mm-export": "grouped-mm-onnx",
-}
+BUGS: dict[str, str] = {}  # bug id -> what is wrong; empty: every bug this matrix found is fixed
+KNOWN_BUGS: dict[str, str] = {}  # "fx:<case>" (adapt/train/fold) or "onnx:<case>" (export/verify/ORT) -> bug id
