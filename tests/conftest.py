@@ -108,6 +108,18 @@ def gloo_rank(rank: int, world: int, init_file: str):
         dist.destroy_process_group()
 
 
+def _run_then_exit(rank: int, worker, *args) -> None:
+    """Run one rank, then leave without the interpreter's teardown: under load, gloo's threads can abort the process
+    there ("terminate called without an active exception") after the rank's work and results are complete."""
+    import os
+    import sys
+
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_fsdp2(worker, tmp_path, world: int = 2) -> tuple:
     """Run worker(rank, world, init_file, out) on `world` CPU processes (gloo), skipping where gloo or FSDP2
     (torch >= 2.6) is missing; returns the output folder and each rank's `rank{r}.json`."""
@@ -122,7 +134,7 @@ def spawn_fsdp2(worker, tmp_path, world: int = 2) -> tuple:
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(out)), nprocs=world, join=True)
+    mp.spawn(_run_then_exit, args=(worker, world, str(tmp_path / "init"), str(out)), nprocs=world, join=True)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
