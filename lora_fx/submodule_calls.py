@@ -37,12 +37,16 @@ class AddLora:
 
 
 class GraphOnly:
-    """Forward pre-hook on a module whose LoRA only the adapted model's graphs can apply."""
+    """Forward pre-hook on a module whose LoRA only the adapted model's graphs can apply (silent while every such
+    branch is disabled: then the direct call computes what the model does)."""
 
-    def __init__(self, path: str, weights: list[str]):
-        self.path, self.weights = path, weights
+    def __init__(self, path: str, loras: list[nn.Module]):
+        self.path, self.loras = path, loras
+        self.weights = [lora.weight_name for lora in loras]
 
     def __call__(self, module: nn.Module, inputs: tuple) -> None:
+        if not any(lora.enabled for lora in self.loras):
+            return
         raise LoraFxError(
             f"{self.path or 'this module'} was called on its own, and its LoRA on {self.weights} sits on a bare "
             "parameter (F.linear / matmul on it) or on a slice of a packed weight, which only the adapted model's "
@@ -75,15 +79,15 @@ def _owned(adapted: nn.Module, path: str) -> nn.Module:
 
 def attach(adapted: nn.Module, container: nn.ModuleDict) -> None:
     """Hook every LoRA branch of `container` onto the module owning its weight, in the adapted model's tree."""
-    refused: dict[str, list[str]] = {}
+    refused: dict[str, list[nn.Module]] = {}
     for lora in container.values():
         owner_path, _, leaf = lora.weight_name.rpartition(".")
         if leaf == "weight" and lora.output_rows is None and owner_path:
             _owned(adapted, owner_path).register_forward_hook(AddLora(lora))
         elif owner_path:
-            refused.setdefault(owner_path, []).append(lora.weight_name)
-    for path, weights in refused.items():
-        _owned(adapted, path).register_forward_pre_hook(GraphOnly(path, weights))
+            refused.setdefault(owner_path, []).append(lora)
+    for path, loras in refused.items():
+        _owned(adapted, path).register_forward_pre_hook(GraphOnly(path, loras))
 
 
 def unhooked(plain: nn.Module, adapted: nn.Module) -> nn.Module:

@@ -368,17 +368,25 @@ def test_direct_calls_of_submodules_carry_the_lora():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
 
 
+class Projection(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w)
+
+
 class BareParameter(torch.nn.Module):
     """A LoRA on a bare parameter (F.linear on it) is applied by graphs only."""
 
     def __init__(self):
         super().__init__()
-        self.inner = torch.nn.Module()
-        self.inner.w = torch.nn.Parameter(torch.randn(8, 8))
+        self.inner = Projection()
         self.head = torch.nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.head(torch.nn.functional.linear(x, self.inner.w))
+        return self.head(self.inner(x))
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -391,10 +399,11 @@ def test_direct_calls_in_symbolic_and_export_graphs_and_a_bare_parameter(fronten
             lora.lora_B.normal_()
         h = torch.nn.functional.linear(x, model.inner.w) + adapted.lora_fx["inner_w"](x)
         assert torch.allclose(adapted.head(h), adapted(x), atol=ATOL)  # head called directly: its LoRA, once
-    inner = torch.nn.Module.__call__.__get__(adapted.inner)
     with pytest.raises(lora_fx.LoraFxError, match="bare") as info:
-        inner()
+        adapted.inner(x)  # its LoRA cannot be added here: an error, not a silent miss
     assert "inner" in str(info.value) and "How to fix" in str(info.value)
+    with torch.no_grad(), lora_fx.disable_adapters(adapted):
+        assert torch.equal(adapted.inner(x), model.inner(x))  # no LoRA enabled: the direct call is the model's
 
 
 def test_trl_sft_trainer_trains_it_with_peft_losses(tmp_path):
