@@ -7,9 +7,9 @@ lora_fx's graphs, so without this the LoRA would be silently missing from them.
 So the adapted model's tree holds, at every module that owns an adapted weight (an nn.Linear, GPT-2's Conv1D, a
 convolution, an embedding), its own clone of that module (the same parameter and buffer dicts, so the same tensors,
 device moves and FSDP shards) with a forward hook adding that weight's enabled LoRA branches. The graphs are traced
-from a tree with the original, unhooked modules at those places (`unhooked`), so they add each branch once, in the
-graph. A module whose adapted weight only a graph can reach (a bare parameter used by F.linear / matmul, a slice of
-a packed weight) gets a pre-hook that refuses the direct call with a clear error instead of running without LoRA.
+from a tree with hook-free clones at those places (`unhooked`), so they add each branch once, in the graph. A module
+whose adapted weight only a graph can reach (a bare parameter used by F.linear / matmul, a slice of a packed weight,
+an expert weight) gets a pre-hook that refuses the direct call with a clear error instead of running without LoRA.
 The user's model is never touched: every clone lives in the adapted model's own tree.
 """
 
@@ -21,7 +21,9 @@ from torch import nn
 
 from lora_fx.errors import LoraFxError
 
-ORIGINALS = "_lora_fx_unhooked"  # adapted.__dict__ key: {module path: the unhooked module the graphs use}
+ORIGINALS = "_lora_fx_unhooked"  # adapted.__dict__ key: {module path: the module before lora_fx hooked it}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks_with_kwargs")
 
 
 class AddLora:
@@ -68,8 +70,7 @@ def _owned(adapted: nn.Module, path: str) -> nn.Module:
             originals[here] = child
             clone = object.__new__(type(child))
             clone.__dict__ = dict(child.__dict__)
-            for attr in ("_modules", "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                         "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            for attr in ("_modules", *_HOOKS):
                 if attr in clone.__dict__:
                     clone.__dict__[attr] = type(child.__dict__[attr])(child.__dict__[attr])
             parent._modules[name] = child = clone
@@ -91,22 +92,22 @@ def attach(adapted: nn.Module, container: nn.ModuleDict) -> None:
 
 
 def unhooked(plain: nn.Module, adapted: nn.Module) -> nn.Module:
-    """`plain` (a shallow copy of the adapted model) with the original, unhooked module at every hooked place, for
-    graphs to be traced from: the hooked clones share their tensors with these, so graphs read the same weights."""
+    """`plain` (a shallow copy of the adapted model) with a hook-free clone at every place the adapted model hooked,
+    for graphs to be traced from: each clone carries the adapted module's state (train/eval flag, children) and the
+    hooks of the module it replaced, and shares its parameter and buffer dicts, so graphs read the same weights (and
+    FSDP2 shards reach the adapted model)."""
     originals: dict[str, nn.Module] = adapted.__dict__.get(ORIGINALS, {})
     for path in sorted(originals, key=lambda p: p.count(".")):
         *above, name = path.split(".")
         parent = plain
         for part in above:
             parent = parent._modules[part]
-        child = parent._modules[name]
-        if any(p.startswith(path + ".") for p in originals):  # an ancestor: keep its children, fresh dict
-            clone = object.__new__(type(child))
-            clone.__dict__ = dict(child.__dict__)
-            clone.__dict__["_modules"] = dict(child.__dict__["_modules"])
-            for attr in ("_forward_hooks", "_forward_pre_hooks"):
+        current = parent._modules[name]
+        clone = object.__new__(type(current))
+        clone.__dict__ = dict(current.__dict__)
+        clone.__dict__["_modules"] = dict(current.__dict__["_modules"])
+        for attr in _HOOKS:
+            if attr in originals[path].__dict__:
                 clone.__dict__[attr] = type(originals[path].__dict__[attr])(originals[path].__dict__[attr])
-            parent._modules[name] = clone
-        else:
-            parent._modules[name] = originals[path]
+        parent._modules[name] = clone
     return plain
