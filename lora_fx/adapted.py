@@ -284,7 +284,7 @@ def eager_with_hooks(adapted: nn.Module, arguments: dict[str, Any]) -> Any:
     calls: Calls = adapted.__dict__[CALLS]
     state: LoraState = adapted.__dict__[STATE_KEY]
     unhookable = [lora.weight_name for container in state.containers(adapted).values() for lora in container.values()
-                  if not lora.weight_name.endswith(".weight") or lora.output_rows is not None]
+                  if not submodule_calls.hookable(lora)]
     if unhookable:
         raise LoraFxError(
             f"this call has an argument no graph can hold ({_uncapturable(arguments)}), and the LoRA on "

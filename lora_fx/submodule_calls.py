@@ -57,33 +57,52 @@ class GraphOnly:
                 "whose LoRA also applies when their module is called directly")
 
 
+def hookable(lora: nn.Module) -> bool:
+    """Whether a forward hook on the module owning the branch's weight adds it exactly: the module calls its own
+    `weight` whole (not a bare parameter of a larger module, not a slice of a packed weight, not the root's)."""
+    owner_path, _, leaf = lora.weight_name.rpartition(".")
+    return bool(owner_path) and leaf == "weight" and lora.output_rows is None
+
+
+def _clone(module: nn.Module, hooks_of: nn.Module) -> nn.Module:
+    """`module` over the same parameter and buffer dicts, with its own child dict and the hooks of `hooks_of`."""
+    clone = object.__new__(type(module))
+    clone.__dict__ = dict(module.__dict__)
+    clone.__dict__["_modules"] = dict(module.__dict__["_modules"])
+    for attr in _HOOKS:
+        if attr in hooks_of.__dict__:
+            clone.__dict__[attr] = type(hooks_of.__dict__[attr])(hooks_of.__dict__[attr])
+    return clone
+
+
+def _walk(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the parent of the module at `path`, its name there)."""
+    *above, name = path.split(".")
+    for part in above:
+        root = root._modules[part]
+    return root, name
+
+
 def _owned(adapted: nn.Module, path: str) -> nn.Module:
-    """The module at `path` in the adapted model's own tree: every module on the way is replaced by a clone (its own
-    child dict and hooks, the same parameter and buffer dicts) unless it is one already."""
+    """The module at `path` in the adapted model's own tree: every module on the way is replaced by a clone unless
+    it is one already (the module it replaced is kept in ORIGINALS)."""
     originals: dict[str, nn.Module] = adapted.__dict__.setdefault(ORIGINALS, {})
-    parent, walked = adapted, []
-    for name in path.split(".") if path else []:
-        walked.append(name)
-        child = parent._modules[name]
-        here = ".".join(walked)
+    parts = path.split(".")
+    for depth in range(1, len(parts) + 1):
+        here = ".".join(parts[:depth])
         if here not in originals:
-            originals[here] = child
-            clone = object.__new__(type(child))
-            clone.__dict__ = dict(child.__dict__)
-            for attr in ("_modules", *_HOOKS):
-                if attr in clone.__dict__:
-                    clone.__dict__[attr] = type(child.__dict__[attr])(child.__dict__[attr])
-            parent._modules[name] = child = clone
-        parent = child
-    return parent
+            parent, name = _walk(adapted, here)
+            originals[here] = child = parent._modules[name]
+            parent._modules[name] = _clone(child, hooks_of=child)
+    return adapted.get_submodule(path)
 
 
 def attach(adapted: nn.Module, container: nn.ModuleDict) -> None:
     """Hook every LoRA branch of `container` onto the module owning its weight, in the adapted model's tree."""
     refused: dict[str, list[nn.Module]] = {}
     for lora in container.values():
-        owner_path, _, leaf = lora.weight_name.rpartition(".")
-        if leaf == "weight" and lora.output_rows is None and owner_path:
+        owner_path = lora.weight_name.rpartition(".")[0]
+        if hookable(lora):
             _owned(adapted, owner_path).register_forward_hook(AddLora(lora))
         elif owner_path:
             refused.setdefault(owner_path, []).append(lora)
@@ -97,17 +116,7 @@ def unhooked(plain: nn.Module, adapted: nn.Module) -> nn.Module:
     hooks of the module it replaced, and shares its parameter and buffer dicts, so graphs read the same weights (and
     FSDP2 shards reach the adapted model)."""
     originals: dict[str, nn.Module] = adapted.__dict__.get(ORIGINALS, {})
-    for path in sorted(originals, key=lambda p: p.count(".")):
-        *above, name = path.split(".")
-        parent = plain
-        for part in above:
-            parent = parent._modules[part]
-        current = parent._modules[name]
-        clone = object.__new__(type(current))
-        clone.__dict__ = dict(current.__dict__)
-        clone.__dict__["_modules"] = dict(current.__dict__["_modules"])
-        for attr in _HOOKS:
-            if attr in originals[path].__dict__:
-                clone.__dict__[attr] = type(originals[path].__dict__[attr])(originals[path].__dict__[attr])
-        parent._modules[name] = clone
+    for path in sorted(originals, key=lambda p: p.count(".")):  # parents first: children go into fresh clones
+        parent, name = _walk(plain, path)
+        parent._modules[name] = _clone(parent._modules[name], hooks_of=originals[path])
     return plain
