@@ -58,14 +58,15 @@ def pair(rules=(Rule(name="q_proj|v_proj", r=4, alpha=8),), model=llama, **adapt
     return adapted, to_peft(adapted, base), base
 
 
-def to_peft(adapted, base, tmp=None):
+def to_peft(adapted, base, trainable: bool = False):
+    """The adapted model's adapter in PEFT, through a PEFT folder (save_peft_adapter -> PeftModel.from_pretrained)."""
     import tempfile
 
     folder = tempfile.mkdtemp()
     lora_fx.save_peft_adapter(adapted, folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=trainable).eval()
 
 
 # ------------------------------------------------------------------------------------------------ the model's own
@@ -421,7 +422,7 @@ def test_trl_sft_trainer_trains_it_with_peft_losses(tmp_path):
     data = datasets.Dataset.from_dict({"text": [" ".join(f"w{(i + j) % 90}" for j in range(4 + i % 5))
                                                 for i in range(16)]})
     adapted, _, base = pair()
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), _saved(adapted, tmp_path), is_trainable=True)
+    pm = to_peft(adapted, base, trainable=True)
 
     def losses(model, name):
         args = trl.SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=3,
@@ -433,9 +434,3 @@ def test_trl_sft_trainer_trains_it_with_peft_losses(tmp_path):
 
     ours, theirs = losses(adapted, "ours"), losses(pm, "peft")
     assert len(ours) == 3 and max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-4, (ours, theirs)
-
-
-def _saved(adapted, tmp_path):
-    folder = tmp_path / "peft"
-    lora_fx.save_peft_adapter(adapted, folder)
-    return str(folder)
