@@ -34,6 +34,9 @@ def __getattr__(name):
     if name in ("load_peft_adapter", "save_peft_adapter"):
         from lora_fx import peft_compat
         return getattr(peft_compat, name)
+    if name in ("quantize_base", "compare_folds", "QuantizeReport", "FoldComparison"):
+        from lora_fx import quantize
+        return getattr(quantize, name)
     if name in ("train", "prepare_mixed_precision"):
         from lora_fx import training
         return getattr(training, name)
@@ -46,4 +49,4 @@ __all__ = ["adapt", "fold", "graph", "capture_info", "trainable_parameters", "No
            "TraceError", "RuleError", "NoSitesError", "FoldError", "ExportError", "VerifyError", "AdapterFileError",
            "save_adapter", "load_adapter", "adapt_from_adapter", "LoadReport", "load_peft_adapter", "save_peft_adapter",
            "train", "prepare_mixed_precision", "fold_onnx", "FoldOnnxReport", "checkpoint_layers",
-           "split_layers", "generate_onnx", "write_genai_config"]
+           "split_layers", "generate_onnx", "write_genai_config", "quantize_base", "compare_folds"]

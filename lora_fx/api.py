@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx import adapted as adapted_model
-from lora_fx import submodule_calls
+from lora_fx import quantize, submodule_calls
 from lora_fx.errors import FoldError, InputError, NoSitesError, RuleError, warn
 from lora_fx.passes import fold as fold_pass
 from lora_fx.passes import inject as inject_pass
@@ -203,6 +203,7 @@ def _finish_graph(adapted: nn.Module, gm: fx.GraphModule, spec, sites: list) -> 
         inject_pass.inject(gm, name, container, inject_pass.placements(sites, container))
     if state.frontend == "export" and adapted.__dict__[adapted_model.CALLS].causal_attention:
         use_causal_attention(gm)
+    quantize.finish_graph(gm, adapted, state, sites)  # reads of a quantized base go to its quantized matmuls
     gm.meta["lora_fx"] = state.for_graph(original, sites, state.decisions)
     return adapted_model.Entry(gm, spec, training=gm.training)
 
@@ -214,7 +215,8 @@ def capture_call(adapted: nn.Module, arguments: dict[str, Any]) -> adapted_model
     devices = sorted({p.device.index or 0 for p in adapted.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # tracing draws random numbers: the caller's stream stays as it was
         core = adapted_model.core(adapted)
-        gm, spec = trace_call(core, arguments, calls.frontend, calls.trace_options)
+        with quantize.traceable(adapted, adapted.__dict__[STATE_KEY]):
+            gm, spec = trace_call(core, arguments, calls.frontend, calls.trace_options)
         entry = _finish_graph(adapted, gm, spec, find_sites(gm, core))
     entry.arguments, entry.training = arguments, adapted.training
     calls.captures += 1
@@ -364,7 +366,7 @@ def unmerge_adapter(adapted: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------------- fold
 def fold(adapted: nn.Module, *, inplace: bool = False, adapters: str | Iterable[str] | None = None,
-         accumulate_dtype: torch.dtype | None = None) -> nn.Module:
+         accumulate_dtype: torch.dtype | None = None, base: str = "auto") -> nn.Module:
     """The user's model with the LoRA folded in: W0 + (alpha/r)·B·A accumulated in fp32 (fp64 for fp32 weights)
     and rounded once, and the modules trained in full. Every graph the adapted model captured is checked to give
     back, without its LoRA nodes, the graph it was traced as (a failure is a lora_fx bug, never the user's).
@@ -374,7 +376,11 @@ def fold(adapted: nn.Module, *, inplace: bool = False, adapters: str | Iterable[
     `adapted` keep theirs, so training can go on. inplace=True: writes into W0 (shared with the user's model) to
     save memory and returns the user's model; the adapted model then runs without its adapters.
     adapters: the adapter(s) to fold (default: every enabled one). Given a captured graph (lora_fx.graph), folds
-    that graph and returns the folded GraphModule. accumulate_dtype overrides the accumulation."""
+    that graph and returns the folded GraphModule. accumulate_dtype overrides the accumulation.
+
+    base: for a quantized base (lora_fx.quantize_base), the W0 the LoRA is added to: "dequantized" (the weights
+    that were trained against), "original" (the exact W0 kept on the CPU) or "auto" (the closer one
+    lora_fx.compare_folds measured; "dequantized" when nothing was measured). Ignored for a plain base."""
     owner, state = adapted_state(adapted, what="fold")
     if isinstance(adapted, LayerView):
         raise InputError("this is the layer view (split_layers / checkpoint_layers) of an adapted model, not the "
@@ -401,6 +407,14 @@ def fold(adapted: nn.Module, *, inplace: bool = False, adapters: str | Iterable[
         return fold_pass.fold(owner, inplace=inplace, adapters=adapters, accumulate_dtype=accumulate_dtype).graph_module
     for gm in _graphs(owner):  # fold's promise, checked on every graph: without LoRA, the graph as traced
         fold_pass.check_folded_graph(gm)
+    if state.quantized:
+        if inplace:
+            raise FoldError("the base weights are quantized: an in-place fold would write into quantized tensors",
+                            where="fold", fix="fold with inplace=False (the default)")
+        chosen = quantize.fold_base(state, base)
+        return fold_pass.fold_model(owner, adapted_model.user_model(owner), adapters=adapters,
+                                    accumulate_dtype=accumulate_dtype, plain=tuple(state.quantized),
+                                    base_weight=lambda name: quantize.base_weight(owner, state, name, chosen))
     return fold_pass.fold_model(owner, adapted_model.user_model(owner), inplace=inplace, adapters=adapters,
                                 accumulate_dtype=accumulate_dtype)
 

@@ -51,6 +51,8 @@ class LoraState:
     rules: dict[str, Any] = field(default_factory=dict)  # adapter name -> the rules it was given (None: every site)
     defaults: dict[str, Any] = field(default_factory=dict)  # adapter name -> its LoraSettings defaults
     modules_to_save: tuple[str, ...] = ()  # modules trained in full beside the LoRA (their own copies)
+    quantized: dict[str, Any] = field(default_factory=dict)  # weight name -> QuantizedWeight (lora_fx.quantize)
+    fold_choice: str | None = None  # the fold base compare_folds measured closer (fold(base="auto") takes it)
 
     def containers(self, owner: nn.Module) -> dict[str, nn.ModuleDict]:
         """{adapter name: its ModuleDict of LoRA branch modules} in the order the adapters were added."""
@@ -59,7 +61,7 @@ class LoraState:
     def for_graph(self, original_graph: list, sites: list, decisions: list) -> "LoraState":
         """The state of one captured graph: its own traced graph, sites and decisions, the model's records."""
         return LoraState(self.frontend, original_graph, sites, decisions, self.adapters, self.untied, self.merged,
-                         self.originals, self.rules, self.defaults, self.modules_to_save)
+                         self.originals, self.rules, self.defaults, self.modules_to_save, self.quantized)
 
 
 def unwrap(module: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -22,6 +22,7 @@ from lora_fx.errors import FoldError
 from lora_fx.passes.infra import PassResult, clone_graph_module, first_difference, graph_signature, \
     set_parameter_copy_on_write, shallow_clone
 from lora_fx.passes.causal_attention import restore_attention
+from lora_fx.passes.quantize_base import restore as restore_quantized_calls
 from lora_fx.state import ADD, BRANCH, container_name, find_state
 
 
@@ -52,8 +53,10 @@ def accumulation_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None 
 
 
 def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
-                   accumulate_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   accumulate_dtype: torch.dtype | None = None,
+                   base_weight: Callable[[str], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(weight name, W0 + Σ deltas rounded once to W0's dtype) over the enabled LoRAs of `adapters` (None: all).
+    base_weight(name) gives W0 where it is not the parameter itself (a quantized base: lora_fx.quantize).
 
     Checks every A and B for NaN/Inf first (raising before anything is computed), then yields one weight at a
     time, so only one weight's high-precision sum is alive at once."""
@@ -64,7 +67,7 @@ def folded_weights(gm: fx.GraphModule, adapters: list[str] | None = None,
     by_weight: dict[str, list] = {}
     for _, _, lora in chosen:
         by_weight.setdefault(lora.weight_name, []).append(lora)
-    return _sums(gm, by_weight, accumulate_dtype)
+    return _sums(by_weight, accumulate_dtype, base_weight or gm.get_parameter)
 
 
 def check_folded_finite(gm: fx.GraphModule, weights, keep: bool) -> list[tuple[str, torch.Tensor]]:
@@ -94,10 +97,10 @@ def check_folded_finite(gm: fx.GraphModule, weights, keep: bool) -> list[tuple[s
     return kept
 
 
-def _sums(gm, by_weight, accumulate_dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _sums(by_weight, accumulate_dtype, base_weight) -> Iterator[tuple[str, torch.Tensor]]:
     with torch.no_grad():
         for weight, loras in by_weight.items():
-            w0 = gm.get_parameter(weight)
+            w0 = base_weight(weight)
             acc = accumulation_dtype(w0.dtype, accumulate_dtype)
             total = w0.detach().to(acc, copy=True)  # never a view of W0
             for lora in loras:
@@ -132,6 +135,7 @@ def _folded_graph(gm: fx.GraphModule) -> tuple[fx.Graph, int, int]:
     to the graph adapt traced: fold gives back the original graph or raises."""
     graph = copy.deepcopy(gm.graph)
     removed = strip_lora_nodes(graph)
+    restore_quantized_calls(graph)  # quantized weights' linear calls back as traced
     restored = restore_attention(graph)  # SDPA calls adapt switched to is_causal get their mask back
     difference = first_difference(find_state(gm).original_graph, graph_signature(graph))
     if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
@@ -146,23 +150,27 @@ def check_folded_graph(gm: fx.GraphModule) -> None:
 
 
 def fold_model(adapted: nn.Module, model: nn.Module, *, inplace: bool = False, adapters: list[str] | None = None,
-               accumulate_dtype: torch.dtype | None = None) -> nn.Module:
+               accumulate_dtype: torch.dtype | None = None,
+               base_weight: Callable[[str], torch.Tensor] | None = None, plain: tuple[str, ...] = ()) -> nn.Module:
     """The user's `model` with the adapted model's LoRA folded in and the modules trained in full written back.
 
     inplace=False: a shallow copy of `model` whose folded weights are new tensors (modules on their paths cloned,
     everything else shared); inplace=True: writes into `model`'s own weights and turns the adapter off in
-    `adapted` (its branches would add the delta a second time)."""
+    `adapted` (its branches would add the delta a second time). base_weight(name): W0 where the parameter is not
+    it (a quantized base); plain: weights written as base_weight gives them (quantized ones without a LoRA)."""
     state = find_state(adapted)
-    new_weights = folded_weights(adapted, adapters, accumulate_dtype)  # checks A, B before anything changes
+    new_weights = folded_weights(adapted, adapters, accumulate_dtype, base_weight)  # checks A, B first
     if inplace:  # checked in a first pass, written in a second: no weight is written unless all are finite
         check_folded_finite(adapted, new_weights, keep=False)
-        new_weights = folded_weights(adapted, adapters, accumulate_dtype)
+        new_weights = folded_weights(adapted, adapters, accumulate_dtype, base_weight)
     else:
         new_weights = check_folded_finite(adapted, new_weights, keep=True)
     target = model if inplace else shallow_clone(model)
     trained = [(f"{m}.{n}", p) for m in state.modules_to_save for n, p in adapted.get_submodule(m).named_parameters()]
+    folded = {name for name, _ in new_weights} if not inplace else set()
+    as_is = [(name, base_weight(name).detach().clone()) for name in plain if name not in folded]
     with torch.no_grad():
-        for name, value in [*new_weights, *((n, p.detach().clone()) for n, p in trained)]:
+        for name, value in [*new_weights, *((n, p.detach().clone()) for n, p in trained), *as_is]:
             if inplace and name not in state.untied:
                 target.get_parameter(name).copy_(value)
             else:
@@ -223,6 +231,10 @@ def merge_adapter(gm: fx.GraphModule, adapter: str, *, keep_original: bool = Tru
     if adapter not in state.adapters:
         raise FoldError(f"no adapter named {adapter!r}", where=type(gm).__name__,
                         fix=f"use one of {sorted(state.adapters)}")
+    if state.quantized:
+        raise FoldError("the base weights are quantized (lora_fx.quantize_base): merging into them would quantize "
+                        "the adapter too", where=type(gm).__name__,
+                        fix="switch adapters with set_adapter, or fold the model (lora_fx.fold) to merge for good")
     if state.merged:
         raise FoldError(f"adapter {state.merged[-1]!r} is merged already", where=type(gm).__name__,
                         fix="call lora_fx.unmerge_adapter first, then merge the next one")

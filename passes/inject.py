@@ -131,9 +131,10 @@ def inject(gm: fx.GraphModule, adapter: str, container: nn.ModuleDict,
 
 
 def check_adapter_name(adapter: str, taken: dict) -> None:
-    if not isinstance(adapter, str) or not adapter.isidentifier() or adapter in taken:
+    if not isinstance(adapter, str) or not adapter.isidentifier() or adapter in taken or adapter == "base":
         raise RuleError(f"adapter name {adapter!r} is taken or not an identifier", where="adapter",
-                        fix=f"use a new name made of letters, digits and _ (taken: {sorted(taken)})")
+                        fix=f"use a new name made of letters, digits and _ (taken: {sorted(taken)}; 'base' "
+                             f"is lora_fx's own)")
 
 
 def _inside(stack: dict | None, path: str, cls: type) -> dict:

@@ -1,0 +1,101 @@
+"""FP8 frozen matmuls: the base weight in float8 e4m3, scaled once; activations and gradients scaled per row.
+
+A frozen weight never changes, so its FP8 forms are made once:
+
+    forward   y  = x·Wᵀ   as  _scaled_mm(x8, W8ᵀ)    x8: rows of x scaled to e4m3's range (per step)
+                                                    W8: rows of W scaled once (one scale per output feature)
+    backward  gx = g·W    as  _scaled_mm(g8, Wt8ᵀ)   g8: rows of g scaled per step
+                                                    Wt8: Wᵀ stored row-major, scaled per input feature, once
+
+Both products run on Hopper's FP8 tensor cores (torch._scaled_mm with row-wise scales, bf16 out). No weight
+gradient is computed (the weight is frozen); the LoRA branches stay in bf16. torchao's float8 training would
+re-scale the weight every step, which a frozen weight does not need.
+
+Without an FP8-capable GPU (the CPU, where CI runs) the same scaled codes are multiplied in fp32 by
+`reference_mm`, so tests check the quantization and the graph rewrite; the GPU run checks the kernel against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+TILE = 16  # _scaled_mm wants both dimensions of its operands to be multiples of 16
+
+
+def rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes in e4m3, fp32 scale per row) with rows ≈ codes·scale."""
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def fits_kernel(out_features: int, in_features: int) -> bool:
+    return out_features % TILE == 0 and in_features % TILE == 0
+
+
+def kernel_available(device: torch.device) -> bool:
+    """torch._scaled_mm with FP8 needs compute capability 8.9 (Ada) or 9.0 (Hopper) and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def reference_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
+    """(a8·a_scale)·(b8·b_scale)ᵀ in fp32: what the kernel computes, on any device."""
+    return ((a8.float() * a_scale) @ (b8.float() * b_scale).t()).to(out_dtype)
+
+
+def scaled_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
+    """a·bᵀ from row-scaled codes: a8 (M, K) with a_scale (M, 1), b8 (N, K) with b_scale (N, 1) -> (M, N)."""
+    if not kernel_available(a8.device):
+        return reference_mm(a8, a_scale, b8, b_scale, out_dtype)
+    rows = a8.shape[0]
+    pad = -rows % TILE
+    if pad:  # the kernel wants M to be a multiple of 16 too
+        a8 = torch.cat([a8, a8.new_zeros(pad, a8.shape[1])])
+        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
+    out = torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=torch.bfloat16)
+    return (out[:rows] if pad else out).to(out_dtype)
+
+
+class _FrozenFp8Linear(torch.autograd.Function):
+    """y = x·Wᵀ with W given as its two FP8 forms; the gradient flows to x only."""
+
+    @staticmethod
+    def forward(ctx, x, w8, w_scale, wt8, wt_scale, out_dtype):
+        x8, x_scale = rowwise(x)
+        ctx.save_for_backward(wt8, wt_scale)
+        ctx.x_dtype = x.dtype
+        return scaled_mm(x8, x_scale, w8, w_scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wt8, wt_scale = ctx.saved_tensors
+        g8, g_scale = rowwise(grad)
+        return scaled_mm(g8, g_scale, wt8, wt_scale, ctx.x_dtype), None, None, None, None, None
+
+
+class Fp8Weight(torch.nn.Module):
+    """The two FP8 forms of one frozen weight (buffers, so .to() moves them; left out of state_dict: they are
+    derived from the weight). forward(x, bias) = x·Wᵀ + b on the FP8 kernels."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        with torch.no_grad():
+            w8, w_scale = rowwise(weight)
+            wt8, wt_scale = rowwise(weight.t().contiguous())
+        self.register_buffer("w8", w8, persistent=False)
+        self.register_buffer("w_scale", w_scale, persistent=False)
+        self.register_buffer("wt8", wt8.contiguous(), persistent=False)
+        self.register_buffer("wt_scale", wt_scale, persistent=False)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the forward pass multiplies by (codes times scales)."""
+        return (self.w8.float() * self.w_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = _FrozenFp8Linear.apply(x2, self.w8, self.w_scale, self.wt8, self.wt_scale, dtype)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out + bias.to(out.dtype) if bias is not None else out

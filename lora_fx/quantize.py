@@ -1,0 +1,316 @@
+"""A quantized frozen base: QLoRA's NF4 for memory, FP8 for speed, as one opt-in step after adapt.
+
+    adapted = lora_fx.adapt(model, rules, example_inputs=...)
+    report = lora_fx.quantize_base(adapted, "nf4")          # or "fp8"; which="all" for every frozen linear
+    ...train (torch.compile, checkpoint_layers as before)...
+    lora_fx.compare_folds(adapted, held_out)                 # optional: which fold is closer to what was trained
+    merged = lora_fx.fold(adapted)                           # base="auto" | "dequantized" | "original"
+
+What changes, and where:
+  * NF4 (lora_fx.nf4): each chosen weight is replaced, in its own module, by its NF4 form (the user's model and the
+    adapted model share that module); the exact W0 is copied to the CPU first (keep_original=True), for a fold
+    into the original precision. The model's memory on the GPU drops to ~0.52 bytes a quantized parameter.
+  * FP8 (lora_fx.fp8): the weight stays; its FP8 forms sit beside it in the adapted model (`lora_fx_base`).
+  * Every graph the adapted model runs, now and captured later, reads these weights through the quantize-base pass
+    (lora_fx.passes.quantize_base): each linear call becomes the quantized matmul. Direct calls of an nn.Linear
+    with an NF4 weight run torchao's NF4 linear.
+
+The LoRA was trained against the quantized weights, so fold offers both: W0 + ΔW (the original precision), or
+dequant(W) + ΔW (exactly the function that was trained, rounded once). compare_folds measures both on held-out
+inputs against the quantized model; fold(base="auto") takes the closer one it measured, or the dequantized fold
+when nothing was measured (it is the trained function itself; the original W0 differs by the quantization error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from lora_fx import adapted as adapted_model
+from lora_fx import fp8, nf4
+from lora_fx.errors import FoldError, InputError
+from lora_fx.passes import quantize_base as quantize_pass
+from lora_fx.passes.inject import adapter_key
+from lora_fx.passes.split_layers import LayerView
+from lora_fx.plan import tied_weights
+from lora_fx.state import LoraState, adapted_state
+
+log = logging.getLogger("lora_fx")
+
+KINDS = ("nf4", "fp8")
+FOLD_BASES = ("auto", "dequantized", "original")
+
+
+class Nf4Matmul(nn.Module):
+    """The quantized matmul of one NF4 weight; the weight itself stays in its module (the graph passes it)."""
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return nf4.linear(input, weight, bias)
+
+
+class Fp8Matmul(fp8.Fp8Weight):
+    """The FP8 forms of one weight and their matmul (the bf16 weight the graph passes is not read)."""
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(input, bias)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized frozen weight."""
+
+    kind: str  # "nf4" or "fp8"
+    key: str  # its matmul in the adapted model's lora_fx_base container
+    dtype: torch.dtype  # the weight's own dtype (the fold writes this dtype back)
+    original: torch.Tensor | None  # the exact W0, on the CPU (None: keep_original=False)
+    adapted: bool  # whether a LoRA of the model updates it
+
+
+@dataclass
+class QuantizeReport:
+    """What quantize_base did: the weights quantized, the ones left as they were (with why), and the bytes their
+    base forms take on the device before and after."""
+
+    kind: str
+    quantized: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"quantize_base({self.kind!r}): {len(self.quantized)} weights, "
+                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB on the device"]
+        lines += [f"  left as is: {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class FoldComparison:
+    """compare_folds' measurement: per fold base, how far the merged model's outputs are from the quantized model
+    that was trained (max abs difference, and the relative L2 norm of the difference), over the held-out inputs."""
+
+    max_abs: dict[str, float]
+    rel_l2: dict[str, float]
+    closer: str
+    batches: int
+
+    def __str__(self) -> str:
+        rows = [f"  {b:<12} max |diff| {self.max_abs[b]:.3e}   relative L2 {self.rel_l2[b]:.3e}" for b in self.max_abs]
+        return "\n".join([f"merged vs the quantized model over {self.batches} held-out batches:", *rows,
+                          f"  closer: {self.closer}"])
+
+
+# ---------------------------------------------------------------------------------------------------- quantize
+def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapted", keep_original: bool = True,
+                  block_size: int = 64) -> QuantizeReport:
+    """Store the frozen base weights of `adapted` quantized and compute with them (see the module docstring).
+
+    kind: "nf4" (4-bit NormalFloat with double quantization, bf16 compute; needs torchao: the `quant` extra) or
+    "fp8" (e4m3, the forward and input-gradient matmuls on FP8 tensor cores; needs a GPU of compute capability
+    8.9+, or runs a reference matmul on the CPU). which: "adapted" (the weights that have a LoRA) or "all" (every
+    frozen linear weight; tied weights and modules trained in full stay as they are). keep_original: copy each
+    exact W0 to the CPU first, for fold(base="original"). block_size: NF4 block (64 as in QLoRA).
+
+    Call it once, right after adapt (or loading an adapter) and before checkpoint_layers / split_layers views or
+    torch.compile; it changes the base weights in place in the user's model too (NF4: that is the memory saving).
+    On error nothing is changed."""
+    owner, state = adapted_state(adapted, what="quantize the base of")
+    if isinstance(adapted, LayerView) or isinstance(owner, torch.fx.GraphModule):
+        raise InputError("quantize_base takes the adapted model, not a graph or layer view of it",
+                         where=type(adapted).__name__, fix="pass lora_fx.adapt's result")
+    if kind not in KINDS:
+        raise InputError(f"unknown kind {kind!r}", where="quantize_base", fix=f"use one of {KINDS}")
+    if which not in ("adapted", "all"):
+        raise InputError(f"which must be 'adapted' or 'all', got {which!r}", where="quantize_base",
+                         fix="'adapted': the weights with a LoRA; 'all': every frozen linear weight")
+    if state.quantized:
+        raise InputError(f"the base is quantized already ({next(iter(state.quantized.values())).kind})",
+                         where=type(owner).__name__, fix="quantize once; fold gives back a plain model")
+    if state.merged:
+        raise InputError(f"adapter {state.merged[-1]!r} is merged into the base weights", where="quantize_base",
+                         fix="unmerge_adapter first: the LoRA must train against the quantized weights")
+    names, skipped = _choose(owner, state, which, kind)
+    if not names:
+        raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
+                         fix="adapt linear layers (nn.Linear or F.linear on an (out, in) weight)")
+    adapted_weights = {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
+
+    # every new form is made before anything is changed: an error leaves the model as it was
+    container, records, new_weights, before, after = nn.ModuleDict(), {}, {}, 0, 0
+    for name in names:
+        w = owner.get_parameter(name)
+        key = adapter_key(name, set(container.keys()))
+        before += w.numel() * w.element_size()
+        if kind == "nf4":
+            new_weights[name] = nn.Parameter(nf4.quantize(w, block_size), requires_grad=False)
+            container[key] = Nf4Matmul()
+            after += nf4.nbytes(new_weights[name])
+        else:
+            container[key] = Fp8Matmul(w)
+            after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
+        original = w.detach().to("cpu", copy=True) if keep_original else None
+        records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights)
+
+    for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
+        _set_weight(owner, name, value)
+    owner.add_module(quantize_pass.CONTAINER, container)
+    state.quantized.update(records)
+    keys = {name: r.key for name, r in records.items()}
+    for gm in _graphs(owner):
+        quantize_pass.rewrite(gm, gm.meta["lora_fx"].sites, keys, container)
+    report = QuantizeReport(kind, list(names), skipped, before, after)
+    log.info("lora_fx: %s", report)
+    return report
+
+
+def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[list[str], dict[str, str]]:
+    """The weights to quantize, and why each other candidate is left as is."""
+    adapted_weights = {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
+    tied = tied_weights(adapted_model.user_model(owner))
+    full = state.modules_to_save
+    sites_of: dict[str, list] = {}
+    for site in state.sites:
+        if site.op in ("linear_module", "functional_linear", "matmul", "conv1d"):
+            sites_of.setdefault(site.weight, []).append(site)
+    chosen, skipped = [], {}
+    for weight, sites in sites_of.items():
+        if which == "adapted" and weight not in adapted_weights:
+            continue
+        reasons = [r for r in map(quantize_pass.why_not_rewritable, sites) if r]
+        w = owner.get_parameter(weight)
+        if weight in tied:
+            reasons.append(f"tied to {tied[weight]}")
+        if any(weight == m or weight.startswith(m + ".") for m in full):
+            reasons.append("its module is trained in full (modules_to_save)")
+        if w.requires_grad:
+            reasons.append("it trains")
+        if not w.is_floating_point() or w.element_size() < 2:
+            reasons.append(f"it is {w.dtype}")
+        if kind == "fp8" and w.is_cuda and not fp8.kernel_available(w.device):
+            raise InputError(f"FP8 matmuls need a GPU of compute capability 8.9 or newer; {w.device} is "
+                             f"{torch.cuda.get_device_capability(w.device)}", where="quantize_base",
+                             fix="use 'nf4', or run on an Ada/Hopper GPU")
+        if kind == "fp8" and w.is_cuda and not fp8.fits_kernel(*w.shape):
+            reasons.append(f"shape {tuple(w.shape)} is not a multiple of 16 (the FP8 kernel's tile)")
+        if kind == "nf4" and nf4.block_sizes(w.numel()) is None:
+            reasons.append(f"shape {tuple(w.shape)} has no NF4 block size")
+        if reasons:
+            skipped[weight] = "; ".join(reasons)
+        else:
+            chosen.append(weight)
+    return chosen, skipped
+
+
+def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:
+    """Replace a weight in the module that owns it (shared by the user's model, the adapted model, its clones)."""
+    path, _, leaf = name.rpartition(".")
+    for root in {id(m): m for m in (owner, adapted_model.user_model(owner))}.values():
+        module = root.get_submodule(path) if path else root
+        module._parameters[leaf] = value
+
+
+def _graphs(owner: nn.Module) -> list:
+    calls = owner.__dict__[adapted_model.CALLS]
+    return list({id(e.graph): e.graph for entries in calls.graphs.values() for e in entries}.values())
+
+
+# ---------------------------------------------------------------------------------------------------- capture
+def finish_graph(gm: torch.fx.GraphModule, owner: nn.Module, state: LoraState, sites: list) -> None:
+    """The quantize-base pass on a graph captured after quantize_base (adapt's pipeline calls it)."""
+    if state.quantized:
+        keys = {name: r.key for name, r in state.quantized.items()}
+        quantize_pass.rewrite(gm, sites, keys, getattr(owner, quantize_pass.CONTAINER))
+
+
+@contextlib.contextmanager
+def traceable(owner: nn.Module, state: LoraState) -> Iterator[None]:
+    """Plain stand-ins for NF4 weights while a call is traced: torch.export cannot trace into an NF4 tensor, and the
+    graph only needs the weight's shape, dtype and device (the quantize-base pass routes it afterwards). The
+    stand-in is a zero broadcast to the weight's shape: no memory."""
+    swapped = []
+    for name, record in state.quantized.items():
+        if record.kind != "nf4":
+            continue
+        w = owner.get_parameter(name)
+        stand_in = nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape), requires_grad=False)
+        swapped.append((name, w))
+        _set_weight(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        for name, w in swapped:
+            _set_weight(owner, name, w)
+
+
+# ---------------------------------------------------------------------------------------------------- fold
+def fold_base(state: LoraState, base: str) -> str:
+    """The fold base `base` resolves to for this model ("auto": compare_folds' verdict, else "dequantized")."""
+    if base not in FOLD_BASES:
+        raise InputError(f"unknown fold base {base!r}", where="fold", fix=f"use one of {FOLD_BASES}")
+    if base == "auto":
+        return state.fold_choice or "dequantized"
+    if base == "original" and any(r.original is None for r in state.quantized.values()):
+        raise FoldError("the original weights were not kept (quantize_base(..., keep_original=False))",
+                        where="fold", fix="fold with base='dequantized'")
+    return base
+
+
+def base_weight(owner: nn.Module, state: LoraState, name: str, base: str) -> torch.Tensor:
+    """The W0 a fold adds the LoRA to: the weight itself, or for a quantized one its original or dequantized form
+    (in its own dtype, on the device the weight is on)."""
+    record = state.quantized.get(name)
+    w = owner.get_parameter(name)
+    if record is None:
+        return w
+    if base == "original":
+        return record.original.to(w.device)
+    if record.kind == "nf4":
+        return nf4.dequantize(w, record.dtype)
+    return getattr(owner, quantize_pass.CONTAINER)[record.key].dequantize(record.dtype)
+
+
+def compare_folds(adapted: nn.Module, inputs: Iterable[Any]) -> FoldComparison:
+    """Fold both ways and measure, on held-out `inputs` (each a tensor, a tuple of arguments or a dict of keyword
+    arguments), how far each merged model's outputs are from the quantized adapted model's, in eval mode and without
+    gradients. The closer fold becomes what fold(base="auto") uses for this model."""
+    from lora_fx.api import fold
+    from lora_fx.passes.trace import flatten_outputs
+
+    owner, state = adapted_state(adapted, what="compare the folds of")
+    if not state.quantized:
+        raise InputError("the base is not quantized: both folds are the same", where=type(owner).__name__,
+                         fix="call lora_fx.quantize_base(adapted, ...) before training, or just fold")
+    batches = [b if isinstance(b, (tuple, dict)) else (b,) for b in inputs]
+    if not batches:
+        raise InputError("no held-out inputs were given", where="compare_folds",
+                         fix="pass a list of batches (tensors, argument tuples or keyword dicts)")
+    bases = ["dequantized"] + (["original"] if all(r.original is not None for r in state.quantized.values()) else [])
+
+    def outputs(model: nn.Module) -> list[list[torch.Tensor]]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = [[t.float() for t in flatten_outputs(model(**b) if isinstance(b, dict) else model(*b))]
+                   for b in batches]
+        model.train(was)
+        return out
+
+    reference = outputs(owner)
+    max_abs, rel = {}, {}
+    for base in bases:
+        merged = fold(owner, base=base)
+        got = outputs(merged)
+        diffs = [(g - r) for gs, rs in zip(got, reference) for g, r in zip(gs, rs)]
+        refs = [r for rs in reference for r in rs]
+        max_abs[base] = max(float(d.abs().max()) for d in diffs)
+        rel[base] = float(torch.sqrt(sum((d ** 2).sum() for d in diffs) / sum((r ** 2).sum() for r in refs)))
+        del merged
+    closer = min(bases, key=lambda b: rel[b])
+    state.fold_choice = closer
+    return FoldComparison(max_abs, rel, closer, len(batches))

@@ -1,0 +1,239 @@
+"""A quantized frozen base (issue 18): NF4 (torchao) and FP8 weights under the LoRA, and both folds.
+
+Tolerances: NF4 codes a weight with 16 levels per block, so the quantized model differs from the original by the
+quantization error (about 10% of the output of this small uniform-init MLP; NF4 is made for normal weights): tests check that error is there and bounded, and that the
+dequantized fold reproduces the trained quantized model to fp32 rounding (1e-5). FP8 (e4m3, 3 mantissa bits) also
+scales the activations per step, so its model is within ~4% of fp32; the CPU runs the reference matmul (codes times
+scales in fp32), and the CUDA test checks torch._scaled_mm against it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+from lora_fx import Rule
+from lora_fx.errors import FoldError, InputError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _has_torchao() -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_torchao = pytest.mark.skipif(not _has_torchao(), reason="torchao (the quant extra) is not installed")
+KINDS = [pytest.param("nf4", marks=needs_torchao), "fp8"]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.head = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
+
+
+def x_of(seed: int, batch: int = 8) -> torch.Tensor:
+    return torch.randn(batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def adapted_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    model = MLP()
+    return model, lora_fx.adapt(model, Rule(name="up|down", r=4), example_inputs=(x_of(0),))
+
+
+def train(adapted, steps: int = 8) -> list[float]:
+    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
+    losses = []
+    for i in range(steps):
+        loss = (adapted(x_of(i)) - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_quantized_base_trains_and_folds_into_the_model_it_trained(kind):
+    model, adapted = adapted_mlp()
+    x = x_of(99)
+    before = model(x).detach()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = lora_fx.quantize_base(adapted, kind)
+    assert sorted(report.quantized) == ["down.weight", "up.weight"] and not report.skipped
+    assert 0.001 < rel(adapted(x), before) < 0.2  # the quantization error is there, and bounded
+    graph_code = lora_fx.graph(adapted).code
+    assert graph_code.count("lora_fx_base") == 2  # both linear calls read their quantized matmul
+
+    losses = train(adapted)
+    assert losses[-1] < 0.8 * losses[0]
+    assert {id(p) for p in lora_fx.trainable_parameters(adapted)} == \
+        {id(p) for p in adapted.parameters() if p.requires_grad}
+    adapted.eval()
+    trained = adapted(x).detach()
+
+    held_out = [x_of(100 + i) for i in range(3)]
+    comparison = lora_fx.compare_folds(adapted, held_out)
+    assert comparison.closer == "dequantized" and set(comparison.rel_l2) == {"dequantized", "original"}
+    assert comparison.rel_l2["dequantized"] < comparison.rel_l2["original"]
+    merged = lora_fx.fold(adapted)  # auto: the closer one
+    assert type(merged) is MLP
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in merged.parameters())
+    if kind == "nf4":  # the dequantized fold is the trained function itself, up to fp32 rounding
+        assert comparison.rel_l2["dequantized"] < 1e-5
+        torch.testing.assert_close(merged(x), trained, atol=1e-5, rtol=1e-5)
+    else:  # FP8 also quantizes the activations: the merged model is within that error
+        assert rel(merged(x), trained) < 0.05
+
+    # the original-precision fold is W0 + delta: the unquantized weights plus the same LoRA
+    merged_original = lora_fx.fold(adapted, base="original")
+    for name in ("up", "down"):
+        lora = getattr(adapted, "lora_fx")[name]
+        expected = original[f"{name}.weight"].double() + lora.scaling * (lora.lora_B.double() @ lora.lora_A.double())
+        torch.testing.assert_close(getattr(merged_original, name).weight, expected.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged_original.head.weight, original["head.weight"])
+
+
+@needs_torchao
+def test_nf4_stores_4_bits_a_weight_and_direct_calls_use_it():
+    model, adapted = adapted_mlp()
+    report = lora_fx.quantize_base(adapted, "nf4", which="all")
+    assert sorted(report.quantized) == ["down.weight", "head.weight", "up.weight"]
+    assert report.bytes_after < 0.2 * report.bytes_before  # 4 bits + scales against fp32
+    assert type(model.up.weight).__name__ == "NF4Tensor"  # in the user's module: that is the memory saving
+    x = x_of(3)
+    direct = adapted.up(x)  # a direct call of a quantized nn.Linear runs torchao's NF4 linear, LoRA added
+    torch.testing.assert_close(direct, lora_fx.graph(adapted).up(x) + adapted.lora_fx["up"](x))
+    merged = lora_fx.fold(adapted)
+    assert type(merged.head.weight) is nn.Parameter  # quantized without a LoRA: written back plain
+
+
+@needs_torchao
+def test_nf4_under_torch_compile_matches_eager():
+    _, adapted = adapted_mlp()
+    lora_fx.quantize_base(adapted, "nf4")
+    x = x_of(5)
+    eager = adapted(x)
+    compiled = torch.compile(adapted, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_matmul_and_its_gradient_follow_the_fp32_product():
+    from lora_fx.fp8 import Fp8Weight
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 32), torch.randn(10, 32, requires_grad=True)
+    layer = Fp8Weight(w)
+    y = layer(x)
+    assert rel(y, x @ w.t()) < 0.05  # e4m3: 3 mantissa bits on both operands
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert rel(x.grad, g @ w) < 0.05
+    assert layer.w8.dtype == torch.float8_e4m3fn and layer.wt8.shape == (32, 48)
+    assert "w8" not in layer.state_dict()  # derived from the weight: not saved
+
+
+@pytest.mark.slow
+@needs_torchao
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_a_quantized_llama_trains_generates_checkpoints_and_exports_like_its_base(kind, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    base_path = tmp_path / "base.onnx"
+    lora_fx.export_onnx(model, base_path, example_inputs=(ids,))
+    adapted = lora_fx.adapt(model, Rule(name=r".*_proj", r=4), example_inputs=(ids,))
+    report = lora_fx.quantize_base(adapted, kind)
+    assert len(report.quantized) == 14  # 7 linears in each of 2 layers
+    view = lora_fx.checkpoint_layers(adapted)  # made after quantize_base: its layers read the quantized weights
+    adapted.train()
+    torch.testing.assert_close(view(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
+    for _ in range(3):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    adapted.eval()
+    # generate's calls (a KV cache) are new call kinds: captured now, reading the quantized weights
+    tokens = adapted.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+    merged = lora_fx.fold(adapted, base="dequantized")
+    if kind == "nf4":
+        assert torch.equal(merged.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True), tokens)
+    merged_path = tmp_path / "merged.onnx"
+    lora_fx.export_onnx(merged, merged_path, example_inputs=(ids,))
+    assert lora_fx.verify_onnx(base_path, merged_path).identical
+
+
+def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing():
+    model, adapted = adapted_mlp()
+    weights = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(InputError, match="unknown kind"):
+        lora_fx.quantize_base(adapted, "int3")
+    with pytest.raises(InputError, match="which"):
+        lora_fx.quantize_base(adapted, "fp8", which="some")
+    with pytest.raises(InputError, match="not adapted|lora_fx.adapt"):
+        lora_fx.quantize_base(model, "fp8")
+    assert all(p is weights[n] for n, p in model.named_parameters())
+    lora_fx.quantize_base(adapted, "fp8", keep_original=False)
+    with pytest.raises(InputError, match="quantized already"):
+        lora_fx.quantize_base(adapted, "fp8")
+    with pytest.raises(FoldError, match="quantized"):
+        lora_fx.merge_adapter(adapted)
+    with pytest.raises(FoldError, match="in-place"):
+        lora_fx.fold(adapted, inplace=True)
+    with pytest.raises(FoldError, match="keep_original"):
+        lora_fx.fold(adapted, base="original")
+    with pytest.raises(InputError, match="fold base"):
+        lora_fx.fold(adapted, base="closest")
+    assert lora_fx.fold(adapted, base="dequantized") is not None
+
+
+def test_nf4_without_torchao_names_the_extra(monkeypatch):
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao gives: ImportError
+    model, adapted = adapted_mlp()
+    with pytest.raises(InputError, match=r"lora-fx\[quant\]"):
+        lora_fx.quantize_base(adapted, "nf4")
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 kernels need an Ada or Hopper GPU")
+def test_fp8_kernel_matches_its_reference_on_the_gpu():
+    from lora_fx import fp8
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(37, 512, device="cuda", dtype=torch.bfloat16)  # 37 rows: the kernel pads to 16
+    x8, xs = fp8.rowwise(x)
+    w8, ws = fp8.rowwise(w)
+    kernel = fp8.scaled_mm(x8, xs, w8, ws, torch.bfloat16)
+    reference = fp8.reference_mm(x8, xs, w8, ws, torch.bfloat16)
+    assert rel(kernel.float(), reference.float()) < 1e-2  # bf16 output rounding
