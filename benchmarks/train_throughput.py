@@ -90,6 +90,8 @@ VARIANTS = {
     "full_ft": ("full_ft", False, False),
     "full_ft_fp32master": ("full_ft_fp32master", False, False),
     "full_ft_compile": ("full_ft", True, False),
+    "lora_fx_fp8_eager": ("lora_fx", False, True),  # lora_fx.quantize_base(adapted, "fp8") after adapt (issue 18)
+    "lora_fx_fp8_compile": ("lora_fx", True, True),
 }
 DEFAULT_VARIANTS = ("peft_eager", "lora_fx_eager", "full_ft", "full_ft_fp32master", "lora_fx_compile", "peft_compile")
 
@@ -323,10 +325,11 @@ def sdpa_report(gm) -> dict:
 
 # ------------------------------------------------------------------------------------------------ one training run
 def run_training(a, name: str, model, params: list, device: torch.device, batches, flops: float,
-                 trainable: int) -> dict:
-    """Warmup + timed steps of forward/backward/AdamW; returns the measured numbers."""
+                 trainable: int, compiled: bool | None = None) -> dict:
+    """Warmup + timed steps of forward/backward/AdamW; returns the measured numbers. compiled: torch.compile the
+    forward + loss (default: as VARIANTS says for `name`)."""
     loss_fn = make_loss_fn(model, device.type)
-    compiled = VARIANTS[name][1]
+    compiled = VARIANTS[name][1] if compiled is None else compiled
     if compiled:
         loss_fn = torch.compile(loss_fn, backend=a.compile_backend, mode=a.compile_mode)
     opt = torch.optim.AdamW(params, lr=a.lr, fused=device.type == "cuda")
@@ -516,7 +519,14 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
         pe, pc = _get(results, "peft_eager", t), _get(results, "peft_compile", t)
         ck, ck2, pk = (_get(results, v, t) for v in ("lora_fx_ckpt", "lora_fx_ckpt_every2", "peft_ckpt"))
         full_k = _get(results, "full_ft_ckpt", None)
+        f8e, f8c = _get(results, "lora_fx_fp8_eager", t), _get(results, "lora_fx_fp8_compile", t)
         r = {
+            "lora_fx_fp8_compile_vs_peft_compile_tokens": ratio(f8c, pc, "tokens_per_s"),
+            "lora_fx_fp8_compile_vs_lora_fx_compile_tokens": ratio(f8c, fc, "tokens_per_s"),
+            "lora_fx_fp8_compile_vs_full_ft_tokens": ratio(f8c, full, "tokens_per_s"),
+            "lora_fx_fp8_compile_vs_full_ft_compile_tokens": ratio(f8c, full_c, "tokens_per_s"),
+            "lora_fx_fp8_eager_vs_lora_fx_eager_tokens": ratio(f8e, fe, "tokens_per_s"),
+            "lora_fx_fp8_compile_vs_peft_compile_peak_mem": ratio(f8c, pc, "peak_mem_gb"),
             "lora_fx_vs_peft_eager_tokens": ratio(fe, pe, "tokens_per_s"),
             "lora_fx_vs_peft_compile_tokens": ratio(fc, pc, "tokens_per_s"),
             "lora_fx_compile_vs_peft_eager_tokens": ratio(fc, pe, "tokens_per_s"),
@@ -553,7 +563,13 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
                  r["lora_ckpt_every2_vs_full_ft_peak_mem"], "<=", 0.5),
                 ("LoRA / full FT peak memory (lora_fx checkpoint_layers(every=1) / full_ft)",
                  r["lora_ckpt_vs_full_ft_peak_mem"], "<=", 0.5),
-                ("MFU, best lora_fx variant", best_mfu, ">=", 0.45)):
+                ("MFU, best lora_fx variant", best_mfu, ">=", 0.45),
+                ("lora_fx FP8 compiled / PEFT bf16 compiled tokens/s",
+                 r["lora_fx_fp8_compile_vs_peft_compile_tokens"], ">=", 1.5),
+                ("lora_fx FP8 compiled / bf16 full FT tokens/s (full_ft eager)",
+                 r["lora_fx_fp8_compile_vs_full_ft_tokens"], ">=", 1.8),
+                ("lora_fx FP8 compiled / bf16 full FT compiled tokens/s",
+                 r["lora_fx_fp8_compile_vs_full_ft_compile_tokens"], ">=", 1.8)):
             met = None if value is None else (value >= goal if op == ">=" else value <= goal)
             checks.append({"target": t, "name": label, "value": value, "goal": f"{op} {goal}", "met": met,
                            "missed_by": None if value is None or met else abs(value - goal)})
@@ -712,14 +728,15 @@ def main(argv=None) -> int:
     plan = []
     first = a.targets[0] if a.targets else None
     for t in a.targets:
-        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager", "peft_ckpt", "lora_fx_ckpt", "lora_fx_ckpt_every2")
-                 if v in a.variants]
+        plan += [(v, t) for v in ("peft_eager", "lora_fx_eager", "peft_ckpt", "lora_fx_ckpt", "lora_fx_ckpt_every2",
+                                  "lora_fx_fp8_eager") if v in a.variants]
         if t == first:
             plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     if not a.targets:
         plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     for t in a.targets:
-        plan += [(v, t) for v in ("lora_fx_compile", "peft_compile", "lora_fx_compile_recompute") if v in a.variants]
+        plan += [(v, t) for v in ("lora_fx_compile", "peft_compile", "lora_fx_compile_recompute",
+                                  "lora_fx_fp8_compile") if v in a.variants]
     if "full_ft_compile" in a.variants:
         plan.append(("full_ft_compile", None))
 
@@ -762,6 +779,9 @@ def main(argv=None) -> int:
                     if n_all != n:
                         raise RuntimeError(f"{n_all} trainable parameters but {n} LoRA parameters")
                     trained = adapted
+                    if "_fp8" in name:  # the frozen matmuls on FP8 tensor cores, the LoRA in bf16
+                        quantized = lora_fx.quantize_base(adapted, "fp8", which="all")
+                        rec["quantized_weights"] = len(quantized.quantized)
                     if "_ckpt" in name:  # a training view over the same parameters; fold etc. take `adapted`
                         trained = lora_fx.checkpoint_layers(adapted, every=2 if name.endswith("every2") else 1)
                         rec["checkpointed_layers"] = len(trained.checkpointed)

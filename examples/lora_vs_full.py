@@ -3,7 +3,10 @@
 1. Pretrain a small GPT (examples/tiny_gpt.py) on CPython's help text (pydoc_data).
 2. Adapt it to a data-to-text task in the style of E2E NLG ("name[Aromi], food[Chinese], ... => Aromi is a ..."),
    generated from templates, with held-out (name, food) combinations in the test set.
-3. Compare on the held-out set: no adaptation, full fine-tuning, LoRA on q,v (r=4 and r=8), LoRA on all linears.
+3. Compare on the held-out set: no adaptation, full fine-tuning, LoRA on q,v (r=4 and r=8), LoRA on all linears,
+   and LoRA on all linears over a quantized frozen base (lora_fx.quantize_base: NF4 as in QLoRA, and FP8), where
+   lora_fx.compare_folds also measures how far each merged model (the LoRA folded into the original or the
+   dequantized weights) is from the quantized model that was trained; the merged model is what gets evaluated.
    Metric: exact match (the greedy decode of the sentence equals the reference: every target character is the
    model's argmax given the reference prefix) and the held-out loss on the sentence.
 Reports trainable parameters, adapter file size, training time and peak memory; writes a loss-curve PNG and a
@@ -41,7 +44,10 @@ VARIANTS = {  # name -> rules (None = full fine-tuning, "none" = no adaptation)
     "LoRA q,v r=4": [Rule(name="q_proj|v_proj", r=4, alpha=8)],
     "LoRA q,v r=8": [Rule(name="q_proj|v_proj", r=8, alpha=16)],
     "LoRA all linears r=8": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
+    "LoRA all linears r=8, NF4 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
+    "LoRA all linears r=8, FP8 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
 }
+QUANTIZED = {"LoRA all linears r=8, NF4 base": "nf4", "LoRA all linears r=8, FP8 base": "fp8"}
 
 
 def progress(iterable, desc):
@@ -65,17 +71,21 @@ def train(model, params, batches, steps, lr, device, desc) -> list[float]:
     return losses
 
 
+def padded(examples: list[str], device: str) -> torch.Tensor:
+    encoded = [encode(e) for e in examples]
+    ids = torch.full((len(encoded), max(len(e) for e in encoded)), STOI["\n"], dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)] = e
+    return ids.to(device)
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[str], device: str) -> tuple[float, float]:
     """(exact match, mean loss) over the sentence part of each example, teacher-forced and batched."""
     model.eval()
     encoded = [encode(e) for e in examples]
     starts = [e.index("=> ") + 3 for e in examples]
-    length = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), length), STOI["\n"], dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e)] = e
-    ids = ids.to(device)
+    ids = padded(examples, device)
     logits = model(ids).float()
     exact, losses = 0, []
     for i, (e, s) in enumerate(zip(encoded, starts)):
@@ -120,7 +130,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0, size_bytes = time.perf_counter(), None
+        t0, size_bytes, folds = time.perf_counter(), None, None
         if rules == "none":
             trainable, losses = 0, []
         elif rules is None:  # full fine-tuning
@@ -132,6 +142,8 @@ def main() -> None:
             size_bytes = trainable * 4
         else:
             model = lora_fx.adapt(model, rules, example_inputs=example)
+            if name in QUANTIZED:
+                lora_fx.quantize_base(model, QUANTIZED[name])
             params = list(lora_fx.lora_parameters(model))
             trainable = sum(p.numel() for p in params)
             losses = train(model, params, lambda: e2e_batch(train_set, 32, 128, gen), args.steps, 2e-3, device, name)
@@ -139,23 +151,31 @@ def main() -> None:
             path = out / f"adapter_{len(results)}.safetensors"
             save_file({k: v.contiguous() for k, v in lora_fx.lora_state_dict(model).items()}, str(path))
             size_bytes = path.stat().st_size
+            if name in QUANTIZED:  # which fold is closer to the quantized model that was trained (fold takes it)
+                folds = lora_fx.compare_folds(model, [padded(test_set[i:i + 64], device)
+                                                      for i in range(0, len(test_set), 64)])
+                print(folds)
             model = lora_fx.fold(model)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
         exact, loss = evaluate(model, test_set, device)
         curves[name] = losses
         results.append({"variant": name, "exact_match": exact, "test_loss": loss, "trainable": trainable,
-                        "file_bytes": size_bytes, "train_s": seconds, "peak_mib": peak})
+                        "file_bytes": size_bytes, "train_s": seconds, "peak_mib": peak,
+                        "merged_vs_quantized_rel_l2": folds and folds.rel_l2, "fold": folds and folds.closer})
         print(f"{name:22s} exact match {exact:6.1%}  test loss {loss:.3f}  trainable {trainable:>10,}  "
               f"{seconds:6.1f} s")
 
     lines = ["| variant | held-out exact match | held-out loss | trainable params | file size | train time | "
-             "peak GPU memory |", "|---|---|---|---|---|---|---|"]
+             "peak GPU memory | merged vs quantized model (rel. L2: dequantized / original fold) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         size_txt = f"{r['file_bytes'] / 2**10:,.0f} KiB" if r["file_bytes"] else "-"
         peak = f"{r['peak_mib']:,.0f} MiB" if r["peak_mib"] else "-"
+        gap = r["merged_vs_quantized_rel_l2"]
+        gap_txt = f"{gap['dequantized']:.1e} / {gap['original']:.1e} (folded: {r['fold']})" if gap else "-"
         lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {r['test_loss']:.3f} | {r['trainable']:,} | "
-                     f"{size_txt} | {r['train_s']:.1f} s | {peak} |")
+                     f"{size_txt} | {r['train_s']:.1f} s | {peak} | {gap_txt} |")
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
