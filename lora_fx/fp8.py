@@ -45,8 +45,9 @@ def reference_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
     return ((a8.float() * a_scale) @ (b8.float() * b_scale).t()).to(out_dtype)
 
 
-def scaled_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
-    """a·bᵀ from row-scaled codes: a8 (M, K) with a_scale (M, 1), b8 (N, K) with b_scale (N, 1) -> (M, N)."""
+def scaled_mm(a8, a_scale, b8, b_scale, out_dtype, fast_accum: bool = False) -> torch.Tensor:
+    """a·bᵀ from row-scaled codes: a8 (M, K) with a_scale (M, 1), b8 (N, K) with b_scale (N, 1) -> (M, N).
+    fast_accum: Hopper's faster, less precise FP8 accumulation (the forward pass; gradients accumulate exactly)."""
     if not kernel_available(a8.device):
         return reference_mm(a8, a_scale, b8, b_scale, out_dtype)
     rows = a8.shape[0]
@@ -54,7 +55,8 @@ def scaled_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
     if pad:  # the kernel wants M to be a multiple of 16 too
         a8 = torch.cat([a8, a8.new_zeros(pad, a8.shape[1])])
         a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
-    out = torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=torch.bfloat16)
+    out = torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1), out_dtype=torch.bfloat16,
+                           use_fast_accum=fast_accum)
     return (out[:rows] if pad else out).to(out_dtype)
 
 
@@ -66,7 +68,7 @@ class _FrozenFp8Linear(torch.autograd.Function):
         x8, x_scale = rowwise(x)
         ctx.save_for_backward(wt8, wt_scale)
         ctx.x_dtype = x.dtype
-        return scaled_mm(x8, x_scale, w8, w_scale, out_dtype)
+        return scaled_mm(x8, x_scale, w8, w_scale, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad):
