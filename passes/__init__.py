@@ -7,6 +7,8 @@
     packed_rows       packed weight     -> rows per role      a fused qkv's row ranges, or why they were lost
     inject            GraphModule       -> GraphModule        a LoRA branch and an add beside each chosen site
     causal_attention  GraphModule       -> GraphModule        SDPA with a provably causal mask runs is_causal=True
+    quantize_base     GraphModule       -> GraphModule        reads of an NF4/FP8 frozen weight -> its quantized
+                                                              matmul (opt-in: lora_fx.quantize_base)
     capture           a new call        -> key, GraphModule   calls of the adapted model traced through these passes
     split_layers      GraphModule       -> layer view         one submodule per layer (checkpointing, FSDP2)
     fold              GraphModule       -> GraphModule        W0 + (alpha/r)·B·A, every LoRA node removed
