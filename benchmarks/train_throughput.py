@@ -92,6 +92,7 @@ VARIANTS = {
     "full_ft_compile": ("full_ft", True, False),
     "lora_fx_fp8_eager": ("lora_fx", False, True),  # lora_fx.quantize_base(adapted, "fp8") after adapt (issue 18)
     "lora_fx_fp8_compile": ("lora_fx", True, True),
+    "lora_fx_fp8fast_compile": ("lora_fx", True, True),  # ... with lora_fx.fp8.FAST_ACCUM_GRADIENTS = True
 }
 DEFAULT_VARIANTS = ("peft_eager", "lora_fx_eager", "full_ft", "full_ft_fp32master", "lora_fx_compile", "peft_compile")
 
@@ -520,7 +521,9 @@ def compute_ratios(results, targets) -> tuple[dict, list]:
         ck, ck2, pk = (_get(results, v, t) for v in ("lora_fx_ckpt", "lora_fx_ckpt_every2", "peft_ckpt"))
         full_k = _get(results, "full_ft_ckpt", None)
         f8e, f8c = _get(results, "lora_fx_fp8_eager", t), _get(results, "lora_fx_fp8_compile", t)
+        f8f = _get(results, "lora_fx_fp8fast_compile", t)
         r = {
+            "lora_fx_fp8fast_compile_vs_peft_compile_tokens": ratio(f8f, pc, "tokens_per_s"),
             "lora_fx_fp8_compile_vs_peft_compile_tokens": ratio(f8c, pc, "tokens_per_s"),
             "lora_fx_fp8_compile_vs_lora_fx_compile_tokens": ratio(f8c, fc, "tokens_per_s"),
             "lora_fx_fp8_compile_vs_full_ft_tokens": ratio(f8c, full, "tokens_per_s"),
@@ -736,7 +739,7 @@ def main(argv=None) -> int:
         plan += [(v, None) for v in ("full_ft", "full_ft_fp32master", "full_ft_ckpt") if v in a.variants]
     for t in a.targets:
         plan += [(v, t) for v in ("lora_fx_compile", "peft_compile", "lora_fx_compile_recompute",
-                                  "lora_fx_fp8_compile") if v in a.variants]
+                                  "lora_fx_fp8_compile", "lora_fx_fp8fast_compile") if v in a.variants]
     if "full_ft_compile" in a.variants:
         plan.append(("full_ft_compile", None))
 
@@ -780,6 +783,8 @@ def main(argv=None) -> int:
                         raise RuntimeError(f"{n_all} trainable parameters but {n} LoRA parameters")
                     trained = adapted
                     if "_fp8" in name:  # the frozen matmuls on FP8 tensor cores, the LoRA in bf16
+                        import lora_fx.fp8
+                        lora_fx.fp8.FAST_ACCUM_GRADIENTS = "_fp8fast" in name
                         quantized = lora_fx.quantize_base(adapted, "fp8", which="all")
                         rec["quantized_weights"] = len(quantized.quantized)
                     if "_ckpt" in name:  # a training view over the same parameters; fold etc. take `adapted`

@@ -22,6 +22,9 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 TILE = 16  # _scaled_mm wants both dimensions of its operands to be multiples of 16
+# Hopper's fast FP8 accumulation for the input gradient too (the forward pass always uses it); off by default:
+# gradients then accumulate at full precision (benchmarks/train_throughput.py measures both)
+FAST_ACCUM_GRADIENTS = False
 
 
 def rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +77,8 @@ class _FrozenFp8Linear(torch.autograd.Function):
     def backward(ctx, grad):
         wt8, wt_scale = ctx.saved_tensors
         g8, g_scale = rowwise(grad)
-        return scaled_mm(g8, g_scale, wt8, wt_scale, ctx.x_dtype), None, None, None, None, None
+        grad_x = scaled_mm(g8, g_scale, wt8, wt_scale, ctx.x_dtype, fast_accum=FAST_ACCUM_GRADIENTS)
+        return grad_x, None, None, None, None, None
 
 
 class Fp8Weight(torch.nn.Module):

@@ -67,15 +67,47 @@ def quantize(weight: torch.Tensor, block_size: int = 64) -> torch.Tensor:
         return _torchao().to_nf4(weight.detach().contiguous(), *sizes)
 
 
+def _parts(weight: torch.Tensor) -> tuple:
+    """The plain tensors (and sizes) an NF4 weight is made of: its 4-bit codes two to a byte, the int8 block
+    scales, their per-group factors and mean, the 16-value codebook."""
+    return (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+            weight.nf4, weight.block_size, weight.scaler_block_size, weight.shape)
+
+
+def _dense(codes, scalers, factors, mean, codebook, block, scaler_block, shape) -> torch.Tensor:
+    """torchao's NF4 dequantization (bit for bit) in plain tensor ops: torch.compile fuses it into one kernel, also
+    inside an activation-checkpointed layer, where the NF4 tensor subclass itself breaks the graph."""
+    scales = (scalers.view(-1, scaler_block) / factors.unsqueeze(-1)).flatten().to(codebook.dtype) + mean
+    values = torch.stack([codebook[(codes >> 4).int()], codebook[(codes & 15).int()]], dim=-1)
+    return (values.view(-1, block) * scales.unsqueeze(-1)).view(shape)
+
+
 def dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight an NF4 weight computes with (in its own dtype, or `dtype`)."""
-    dense = weight.get_original_weight()
+    dense = _dense(*_parts(weight))
     return dense.to(dtype) if dtype is not None else dense
 
 
+class _Nf4Linear(torch.autograd.Function):
+    """x·dequant(W)ᵀ; the backward pass dequantizes again (only the 4-bit codes are saved, never the dense W)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scalers, factors, mean, codebook, block, scaler_block, shape):
+        ctx.save_for_backward(codes, scalers, factors, mean, codebook)
+        ctx.sizes = (block, scaler_block, shape)
+        return torch.nn.functional.linear(x, _dense(codes, scalers, factors, mean, codebook, block, scaler_block,
+                                                    shape).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = _dense(*ctx.saved_tensors, *ctx.sizes).to(grad.dtype)
+        return (grad @ w,) + (None,) * 8
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x·dequant(W)ᵀ + b; the backward pass dequantizes again rather than keep the dense weight."""
-    out = _torchao().linear_nf4(x, weight)
+    """x·dequant(W)ᵀ + b for an NF4 weight W (frozen: the gradient flows to x only)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = _Nf4Linear.apply(x.to(dtype), *_parts(weight))
     return out + bias.to(out.dtype) if bias is not None else out
 
 
