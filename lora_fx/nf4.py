@@ -88,26 +88,67 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return dense.to(dtype) if dtype is not None else dense
 
 
-class _Nf4Linear(torch.autograd.Function):
-    """x·dequant(W)ᵀ; the backward pass dequantizes again (only the 4-bit codes are saved, never the dense W)."""
+# The NF4 matmul is one opaque op for torch.compile: inside it the weight is dequantized (one fused kernel on a GPU)
+# and multiplied; its backward op dequantizes again. Written as plain ops instead, the compiler fuses the
+# dequantization into the graph and its partitioner may keep each dense weight for the backward pass instead of
+# recomputing it (measured: 45 GB for an 8B model where the codes take 5), which undoes the point of NF4.
+_DENSE_ON_GPU = None
 
-    @staticmethod
-    def forward(ctx, x, codes, scalers, factors, mean, codebook, block, scaler_block, shape):
-        ctx.save_for_backward(codes, scalers, factors, mean, codebook)
-        ctx.sizes = (block, scaler_block, shape)
-        return torch.nn.functional.linear(x, _dense(codes, scalers, factors, mean, codebook, block, scaler_block,
-                                                    shape).to(x.dtype))
 
-    @staticmethod
-    def backward(ctx, grad):
-        w = _dense(*ctx.saved_tensors, *ctx.sizes).to(grad.dtype)
-        return (grad @ w,) + (None,) * 8
+def _dense_fn(device: torch.device):
+    """_dense, compiled once into one kernel on a GPU (the eager ops read and write each weight several times)."""
+    global _DENSE_ON_GPU
+    if device.type != "cuda":
+        return _dense
+    if _DENSE_ON_GPU is None:
+        _DENSE_ON_GPU = torch.compile(_dense, dynamic=False)
+    return _DENSE_ON_GPU
+
+
+@torch.library.custom_op("lora_fx::nf4_linear", mutates_args=())
+def _nf4_linear(x: torch.Tensor, codes: torch.Tensor, scalers: torch.Tensor, factors: torch.Tensor,
+                mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, out_features: int,
+                in_features: int) -> torch.Tensor:
+    w = _dense_fn(x.device)(codes, scalers, factors, mean, codebook, block, scaler_block, (out_features, in_features))
+    return torch.nn.functional.linear(x, w.to(x.dtype))
+
+
+@_nf4_linear.register_fake
+def _(x, codes, scalers, factors, mean, codebook, block, scaler_block, out_features, in_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("lora_fx::nf4_linear_input_grad", mutates_args=())
+def _nf4_input_grad(grad: torch.Tensor, codes: torch.Tensor, scalers: torch.Tensor, factors: torch.Tensor,
+                    mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, out_features: int,
+                    in_features: int) -> torch.Tensor:
+    w = _dense_fn(grad.device)(codes, scalers, factors, mean, codebook, block, scaler_block,
+                               (out_features, in_features))
+    return grad @ w.to(grad.dtype)
+
+
+@_nf4_input_grad.register_fake
+def _(grad, codes, scalers, factors, mean, codebook, block, scaler_block, out_features, in_features):
+    return grad.new_empty(*grad.shape[:-1], in_features)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:6])  # the codes and scales only, never a dense weight
+    ctx.sizes = inputs[6:]
+
+
+def _backward(ctx, grad):
+    return (_nf4_input_grad(grad, *ctx.saved_tensors, *ctx.sizes),) + (None,) * 9
+
+
+_nf4_linear.register_autograd(_backward, setup_context=_setup)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x·dequant(W)ᵀ + b for an NF4 weight W (frozen: the gradient flows to x only)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = _Nf4Linear.apply(x.to(dtype), *_parts(weight))
+    codes, scalers, factors, mean, codebook, block, scaler_block, shape = _parts(weight)
+    out = _nf4_linear(x.to(dtype), codes, scalers, factors, mean, codebook, block, scaler_block, *shape)
     return out + bias.to(out.dtype) if bias is not None else out
 
 
