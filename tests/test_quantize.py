@@ -211,6 +211,8 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing():
         lora_fx.fold(adapted, base="original")
     with pytest.raises(InputError, match="fold base"):
         lora_fx.fold(adapted, base="closest")
+    with pytest.raises(lora_fx.ExportError, match="lora_fx.fold"):
+        lora_fx.export_onnx(adapted, "unmerged.onnx", example_inputs=(x_of(0),))
     assert lora_fx.fold(adapted, base="dequantized") is not None
 
 

@@ -71,6 +71,7 @@ def export_onnx(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}", where="export_onnx(model=...)",
                          fix="pass the model object itself (an nn.Module, e.g. the result of lora_fx.fold)")
+    _refuse_quantized_base(model)
     path = pathlib.Path(path)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
@@ -90,6 +91,19 @@ def export_onnx(
             _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
                                     outputs)
     return path
+
+
+def _refuse_quantized_base(model: torch.nn.Module) -> None:
+    """A base quantized by lora_fx.quantize_base computes through lora_fx's own NF4/FP8 ops, which ONNX has no
+    translation for; what ships is the folded model (plain weights, the base's graph)."""
+    from lora_fx.state import find_state, unwrap
+
+    state = find_state(unwrap(model))
+    quantized = [n for n, p in model.named_parameters() if type(p).__name__ == "NF4Tensor"]
+    if (state is not None and state.quantized) or quantized:
+        raise ExportError("the model's base weights are quantized (lora_fx.quantize_base): ONNX export takes plain "
+                          "weights", where=quantized[0] if quantized else type(model).__name__,
+                          fix="export lora_fx.fold(adapted): the merged model has the base's weights, dtype and graph")
 
 
 def _export_with_cache(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Path:
