@@ -190,7 +190,7 @@ def test_a_quantized_llama_trains_generates_checkpoints_and_exports_like_its_bas
     assert lora_fx.verify_onnx(base_path, merged_path).identical
 
 
-def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing():
+def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     model, adapted = adapted_mlp()
     weights = {n: p for n, p in model.named_parameters()}
     with pytest.raises(InputError, match="unknown kind"):
@@ -212,7 +212,8 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing():
     with pytest.raises(InputError, match="fold base"):
         lora_fx.fold(adapted, base="closest")
     with pytest.raises(lora_fx.ExportError, match="lora_fx.fold"):
-        lora_fx.export_onnx(adapted, "unmerged.onnx", example_inputs=(x_of(0),))
+        lora_fx.export_onnx(adapted, tmp_path / "unmerged.onnx", example_inputs=(x_of(0),))
+    assert not list(tmp_path.iterdir())
     assert lora_fx.fold(adapted, base="dequantized") is not None
 
 
