@@ -185,3 +185,25 @@ def test_moe_train_tiny_runs_end_to_end(tmp_path):
     assert results["lora_fx_eager"]["trainable_parameters"] == results["peft_eager"]["trainable_parameters"]
     assert _positive(data["ratios"]["eager_tokens_per_s"])
     assert data["model"]["parameters"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (the quant extra) is not installed")
+def test_qlora_and_fp8_benchmarks_tiny_run_end_to_end(tmp_path):
+    """benchmarks/qlora_train.py (lora_fx's NF4 variant; the PEFT + bitsandbytes peer needs a GPU build) and the FP8
+    variant of train_throughput.py, on CPU."""
+    out = tmp_path / "qlora.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_train.py"), "--tiny", "--variants",
+                           "lora_fx_nf4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["status"] == "ok" and _positive(result["tokens_per_s"]) and math.isfinite(result["final_loss"])
+    assert result["quantized_weights"] == 14  # 7 linears in each of the 2 layers
+    assert result["quantized_mib_after"] < 0.3 * result["quantized_mib_before"]
+
+    out = tmp_path / "fp8.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--variants", "lora_fx_fp8_eager", "--targets", "all",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["status"] == "ok" and result["quantized_weights"] == 15  # every linear, lm_head too
