@@ -175,7 +175,8 @@ def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[
     tied = tied_weights(adapted_model.user_model(owner))
     full = state.modules_to_save
     sites_of: dict[str, list] = {}
-    for site in state.sites:
+    every_graph = [site for gm in _graphs(owner) for site in gm.meta["lora_fx"].sites]
+    for site in [*state.sites, *every_graph]:  # every read in every graph is checked before anything changes
         if site.op in ("linear_module", "functional_linear", "matmul", "conv1d"):
             sites_of.setdefault(site.weight, []).append(site)
     chosen, skipped = [], {}

@@ -237,3 +237,28 @@ def test_fp8_kernel_matches_its_reference_on_the_gpu():
     kernel = fp8.scaled_mm(x8, xs, w8, ws, torch.bfloat16)
     reference = fp8.reference_mm(x8, xs, w8, ws, torch.bfloat16)
     assert rel(kernel.float(), reference.float()) < 1e-2  # bf16 output rounding
+
+
+class LinearAndMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 32)
+        self.w = nn.Parameter(torch.randn(32, 16) * 0.1)  # read as x @ w: (in, out), not a linear call
+
+    def forward(self, x):
+        return self.proj(x) @ self.w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_read_other_than_by_a_linear_call_stay_as_they_are_with_the_reason(kind):
+    torch.manual_seed(0)
+    model = LinearAndMatmul()
+    adapted = lora_fx.adapt(model, Rule(r=4), example_inputs=(x_of(0),))
+    w = model.w
+    report = lora_fx.quantize_base(adapted, kind)
+    assert report.quantized == ["proj.weight"]
+    assert "matmul" in report.skipped["w"]
+    assert model.w is w  # untouched
+    assert "w" in str(report)
+    x = x_of(1)
+    torch.testing.assert_close(lora_fx.fold(adapted)(x), adapted.eval()(x), atol=5e-2, rtol=0)
