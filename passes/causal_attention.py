@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lora_fx.passes.infra import PassResult, clone_graph_module
+from lora_fx.passes.infra import PassResult, clone_graph_module, keep_call, restore_calls
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 META_KEY = "lora_fx_causal"  # node.meta key holding the original call, for restore_attention
@@ -137,7 +137,7 @@ def use_causal_attention(gm: fx.GraphModule) -> PassResult:
         limits = _checked(_mask_function(gm, mask, nodes, size_nodes), placeholders)
         if limits is None:
             continue
-        node.meta[META_KEY] = (node.target, _names(node.args), _names(node.kwargs))
+        keep_call(node, META_KEY)
         node.target = causal_or_masked
         node.args = (call["query"], call["key"], call["value"], mask, tuple(size_nodes), tuple(limits))
         node.kwargs = {k: call[k] for k in ("dropout_p", "scale", "enable_gqa") if k in call}
@@ -148,25 +148,9 @@ def use_causal_attention(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, bool(changes), changes)
 
 
-class _Ref(str):
-    """A node reference stored by name (node.meta survives graph copies, node objects do not)."""
-
-
-def _names(value):
-    return fx.node.map_aggregate(value, lambda v: _Ref(v.name) if isinstance(v, fx.Node) else v)
-
-
 def restore_attention(graph: fx.Graph) -> int:
     """Put back every SDPA call use_causal_attention rewrote; returns how many."""
-    by_name = {n.name: n for n in graph.nodes}
-    resolve = lambda value: fx.node.map_aggregate(value, lambda v: by_name[v] if isinstance(v, _Ref) else v)
-    restored = 0
-    for node in graph.nodes:
-        original = node.meta.pop(META_KEY, None)
-        if original is not None:
-            node.target, node.args, node.kwargs = original[0], resolve(original[1]), resolve(original[2])
-            restored += 1
-    return restored
+    return restore_calls(graph, META_KEY)
 
 
 def with_masked_attention(module: torch.nn.Module) -> torch.nn.Module:

@@ -141,3 +141,30 @@ def frozen_norms(model: torch.nn.Module):
     finally:
         for m in norms:
             m.training = True
+
+
+# ---------------------------------------------------------------------------------------------------- kept calls
+class _Ref(str):
+    """A node named in a kept call (node.meta survives a graph copy; the node objects it held would not)."""
+
+
+def keep_call(node: fx.Node, key: str) -> None:
+    """Keep `node`'s call (op, target, arguments by node name) in node.meta[key] before a pass rewrites it in place,
+    so `restore_calls` can give the traced graph back, in this graph or a copy of it."""
+    by_name = fx.node.map_aggregate((node.args, dict(node.kwargs)),
+                                    lambda v: _Ref(v.name) if isinstance(v, fx.Node) else v)
+    node.meta[key] = (node.op, node.target, *by_name)
+
+
+def restore_calls(graph: fx.Graph, key: str) -> int:
+    """Put back every call kept under `key` (keep_call); returns how many."""
+    nodes = {n.name: n for n in graph.nodes}
+    restored = 0
+    for node in graph.nodes:
+        kept = node.meta.pop(key, None)
+        if kept is not None:
+            op, target, args, kwargs = kept
+            args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: nodes[v] if isinstance(v, _Ref) else v)
+            node.op, node.target, node.args, node.kwargs = op, target, tuple(args), dict(kwargs)
+            restored += 1
+    return restored

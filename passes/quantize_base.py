@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from lora_fx.errors import InputError
-from lora_fx.passes.infra import PassResult
+from lora_fx.passes.infra import PassResult, keep_call, restore_calls
 from lora_fx.passes.match import _positional
 from lora_fx.site import OUT_IN, Site
 
@@ -65,39 +65,22 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], keys: dict[str, str], contain
         node = nodes[site.node]
         if TAG in node.meta:
             continue
-        original = (node.op, node.target, *_by_name((node.args, dict(node.kwargs))))
+        keep_call(node, TAG)
         x, weight, bias = _call_parts(gm, node, site)
         node.op, node.target = "call_module", f"{CONTAINER}.{keys[site.weight]}"
         if isinstance(site.input_arg, str):  # x came by keyword: keep it so (inject finds x by Site.input_arg)
             node.args, node.kwargs = (), {site.input_arg: x, "weight": weight, "bias": bias}
         else:
             node.args, node.kwargs = (x, weight, bias), {}
-        node.meta[TAG] = original
         changes.append(f"{site.node}: {site.weight} -> {node.target}")
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(changes), changes)
 
 
-class _Ref(str):
-    """A node named in a kept call (node.meta survives a graph copy; the node objects it held would not)."""
-
-
-def _by_name(value):
-    return fx.node.map_aggregate(value, lambda v: _Ref(v.name) if isinstance(v, fx.Node) else v)
-
-
 def restore(graph: fx.Graph) -> int:
     """Undo `rewrite` on a graph (a copy fold checks): each call back as traced, the added get_attr nodes gone."""
-    nodes = {n.name: n for n in graph.nodes}
-    restored = 0
-    for node in list(graph.nodes):
-        original = node.meta.pop(TAG, None)
-        if original is not None:
-            op, target, args, kwargs = original
-            args, kwargs = fx.node.map_aggregate((args, kwargs), lambda v: nodes[v] if isinstance(v, _Ref) else v)
-            node.op, node.target, node.args, node.kwargs = op, target, tuple(args), dict(kwargs)
-            restored += 1
+    restored = restore_calls(graph, TAG)
     for node in reversed(list(graph.nodes)):
         if node.meta.get(ATTR) and not node.users:
             graph.erase_node(node)
