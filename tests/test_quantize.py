@@ -126,14 +126,16 @@ def test_nf4_stores_4_bits_a_weight_and_direct_calls_use_it():
     assert type(merged.head.weight) is nn.Parameter  # quantized without a LoRA: written back plain
 
 
-@needs_torchao
-def test_nf4_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_base_under_torch_compile_matches_eager(kind):
     _, adapted = adapted_mlp()
-    lora_fx.quantize_base(adapted, "nf4")
-    x = x_of(5)
+    lora_fx.quantize_base(adapted, kind)
+    x = x_of(5).requires_grad_(True)
     eager = adapted(x)
-    compiled = torch.compile(adapted, backend="aot_eager")(x)
+    (grad,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(adapted, backend="aot_eager", fullgraph=True)(x)  # one graph: no break at the base
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(compiled.sum(), x)[0], grad, atol=1e-5, rtol=1e-5)
 
 
 def test_fp8_matmul_and_its_gradient_follow_the_fp32_product():
