@@ -96,12 +96,64 @@ def evaluate(model, examples: list[str], device: str) -> tuple[float, float]:
     return exact / len(examples), sum(losses) / len(losses)
 
 
+def adapt_and_train(name, rules, base, train_set, test_batches, example, gen, args, device, out) -> dict:
+    """One variant, one seed: adapt (or not), train, save the adapter, fold; the merged model and the numbers."""
+    model = copy.deepcopy(base)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0, size_bytes, folds = time.perf_counter(), None, None
+    batches = lambda: e2e_batch(train_set, 32, 128, gen)
+    if rules == "none":
+        trainable, losses = 0, []
+    elif rules is None:  # full fine-tuning
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params)
+        losses = train(model, params, batches, args.steps, 3e-4, device, name)
+        size_bytes = trainable * 4
+    else:
+        model = lora_fx.adapt(model, rules, example_inputs=example)
+        if name in QUANTIZED:
+            lora_fx.quantize_base(model, QUANTIZED[name])
+        params = list(lora_fx.lora_parameters(model))
+        trainable = sum(p.numel() for p in params)
+        losses = train(model, params, batches, args.steps, 2e-3, device, name)
+        from safetensors.torch import save_file
+        path = out / "adapter.safetensors"
+        save_file({k: v.contiguous() for k, v in lora_fx.lora_state_dict(model).items()}, str(path))
+        size_bytes = path.stat().st_size
+        if name in QUANTIZED:  # which fold is closer to the quantized model that was trained (fold takes it)
+            folds = lora_fx.compare_folds(model, test_batches)
+            print(folds)
+        model = lora_fx.fold(model)
+    return {"variant": name, "model": model, "losses": losses, "trainable": trainable, "file_bytes": size_bytes,
+            "train_s": time.perf_counter() - t0,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+            "merged_vs_quantized_rel_l2": folds and folds.rel_l2, "fold": folds and folds.closer}
+
+
+def summary(name: str, runs: list[dict]) -> dict:
+    """A variant over its seeds: the mean of each number, and the held-out loss's range."""
+    mean = lambda key: sum(r[key] for r in runs) / len(runs)
+    gaps = [r["merged_vs_quantized_rel_l2"] for r in runs if r["merged_vs_quantized_rel_l2"]]
+    return {"variant": name, "seeds": len(runs), "exact_match": mean("exact_match"), "test_loss": mean("test_loss"),
+            "test_loss_min": min(r["test_loss"] for r in runs), "test_loss_max": max(r["test_loss"] for r in runs),
+            "trainable": runs[0]["trainable"], "file_bytes": runs[0]["file_bytes"], "train_s": mean("train_s"),
+            "peak_mib": runs[0]["peak_mib"],
+            "merged_vs_quantized_rel_l2": {k: max(g[k] for g in gaps) for k in gaps[0]} if gaps else None,
+            "fold": runs[0]["fold"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/lora_vs_full")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--pretrain-steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, default=1, help="runs of each variant, with another data order and "
+                        "LoRA init each (every variant of a run gets the same); the table shows the mean and the "
+                        "held-out loss's range")
     args = parser.parse_args()
     if args.quick:
         args.pretrain_steps, args.steps = 60, 40
@@ -125,62 +177,38 @@ def main() -> None:
     train_set, test_set = e2e_split()
     example = (e2e_batch(train_set, 2, 128, gen).to(device),)
 
-    results, curves = [], {}
-    for name, rules in VARIANTS.items():
-        model = copy.deepcopy(base)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0, size_bytes, folds = time.perf_counter(), None, None
-        if rules == "none":
-            trainable, losses = 0, []
-        elif rules is None:  # full fine-tuning
-            for p in model.parameters():
-                p.requires_grad_(True)
-            params = list(model.parameters())
-            trainable = sum(p.numel() for p in params)
-            losses = train(model, params, lambda: e2e_batch(train_set, 32, 128, gen), args.steps, 3e-4, device, name)
-            size_bytes = trainable * 4
-        else:
-            model = lora_fx.adapt(model, rules, example_inputs=example)
-            if name in QUANTIZED:
-                lora_fx.quantize_base(model, QUANTIZED[name])
-            params = list(lora_fx.lora_parameters(model))
-            trainable = sum(p.numel() for p in params)
-            losses = train(model, params, lambda: e2e_batch(train_set, 32, 128, gen), args.steps, 2e-3, device, name)
-            from safetensors.torch import save_file
-            path = out / f"adapter_{len(results)}.safetensors"
-            save_file({k: v.contiguous() for k, v in lora_fx.lora_state_dict(model).items()}, str(path))
-            size_bytes = path.stat().st_size
-            if name in QUANTIZED:  # which fold is closer to the quantized model that was trained (fold takes it)
-                folds = lora_fx.compare_folds(model, [padded(test_set[i:i + 64], device)
-                                                      for i in range(0, len(test_set), 64)])
-                print(folds)
-            model = lora_fx.fold(model)
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-        exact, loss = evaluate(model, test_set, device)
-        curves[name] = losses
-        results.append({"variant": name, "exact_match": exact, "test_loss": loss, "trainable": trainable,
-                        "file_bytes": size_bytes, "train_s": seconds, "peak_mib": peak,
-                        "merged_vs_quantized_rel_l2": folds and folds.rel_l2, "fold": folds and folds.closer})
-        print(f"{name:22s} exact match {exact:6.1%}  test loss {loss:.3f}  trainable {trainable:>10,}  "
-              f"{seconds:6.1f} s")
+    test_batches = [padded(test_set[i:i + 64], device) for i in range(0, len(test_set), 64)]
+    runs, curves = [], {}
+    for seed in range(args.seeds):  # every variant of a seed sees the same data order and the same LoRA init
+        for name, rules in VARIANTS.items():
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(1000 + seed)
+            run = adapt_and_train(name, rules, base, train_set, test_batches, example, gen, args, device, out)
+            run["exact_match"], run["test_loss"] = evaluate(run.pop("model"), test_set, device)
+            curves.setdefault(name, run.pop("losses"))
+            runs.append({"seed": seed, **run})
+            print(f"seed {seed} {name:30s} exact match {run['exact_match']:6.1%}  test loss {run['test_loss']:.3f}  "
+                  f"trainable {run['trainable']:>10,}  {run['train_s']:6.1f} s")
+    results = [summary(name, [r for r in runs if r["variant"] == name]) for name in VARIANTS]
 
-    lines = ["| variant | held-out exact match | held-out loss | trainable params | file size | train time | "
-             "peak GPU memory | merged vs quantized model (rel. L2: dequantized / original fold) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | held-out exact match | held-out loss (mean, range over {args.seeds} seeds) | trainable "
+             "params | file size | train time | peak GPU memory | merged vs quantized model (rel. L2: dequantized / "
+             "original fold) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         size_txt = f"{r['file_bytes'] / 2**10:,.0f} KiB" if r["file_bytes"] else "-"
         peak = f"{r['peak_mib']:,.0f} MiB" if r["peak_mib"] else "-"
         gap = r["merged_vs_quantized_rel_l2"]
         gap_txt = f"{gap['dequantized']:.1e} / {gap['original']:.1e} (folded: {r['fold']})" if gap else "-"
-        lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {r['test_loss']:.3f} | {r['trainable']:,} | "
+        loss = f"{r['test_loss']:.3f}" + (f" ({r['test_loss_min']:.3f}-{r['test_loss_max']:.3f})"
+                                          if r["seeds"] > 1 else "")
+        lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {loss} | {r['trainable']:,} | "
                      f"{size_txt} | {r['train_s']:.1f} s | {peak} | {gap_txt} |")
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "size": size,
-                                                   "steps": args.steps, "results": results}, indent=2))
+                                                   "steps": args.steps, "seeds": args.seeds, "results": results,
+                                                   "runs": runs}, indent=2))
     try:
         import matplotlib
         matplotlib.use("Agg")
