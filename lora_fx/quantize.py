@@ -138,7 +138,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
     names, skipped = _choose(owner, state, which, kind)
     if not names:
         raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
-                         fix="adapt linear layers (nn.Linear or F.linear on an (out, in) weight)")
+                         fix="quantize_base takes weights read by linear calls (nn.Linear, F.linear) of an (out, in) "
+                             "weight; GPT-2's Conv1D and x @ W keep (in, out) weights and stay in their dtype")
     adapted_weights = {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
 
     # every new form is made before anything is changed: an error leaves the model as it was
@@ -183,7 +184,7 @@ def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[
     for weight, sites in sites_of.items():
         if which == "adapted" and weight not in adapted_weights:
             continue
-        reasons = [r for r in map(quantize_pass.why_not_rewritable, sites) if r]
+        reasons = list(dict.fromkeys(r for r in map(quantize_pass.why_not_rewritable, sites) if r))
         w = owner.get_parameter(weight)
         if weight in tied:
             reasons.append(f"tied to {tied[weight]}")
