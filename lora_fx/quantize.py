@@ -140,7 +140,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
         raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
                          fix="quantize_base takes weights read by linear calls (nn.Linear, F.linear) of an (out, in) "
                              "weight; GPT-2's Conv1D and x @ W keep (in, out) weights and stay in their dtype")
-    adapted_weights = {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
+    adapted_weights = _lora_weights(owner, state)
 
     # every new form is made before anything is changed: an error leaves the model as it was
     container, records, new_weights, before, after = nn.ModuleDict(), {}, {}, 0, 0
@@ -172,7 +172,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
 
 def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[list[str], dict[str, str]]:
     """The weights to quantize, and why each other candidate is left as is."""
-    adapted_weights = {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
+    adapted_weights = _lora_weights(owner, state)
     tied = tied_weights(adapted_model.user_model(owner))
     full = state.modules_to_save
     sites_of: dict[str, list] = {}
@@ -207,6 +207,11 @@ def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[
         else:
             chosen.append(weight)
     return chosen, skipped
+
+
+def _lora_weights(owner: nn.Module, state: LoraState) -> set[str]:
+    """The weights some adapter's LoRA updates."""
+    return {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
 
 
 def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -264,3 +264,32 @@ def test_weights_read_other_than_by_a_linear_call_stay_as_they_are_with_the_reas
     assert "w" in str(report)
     x = x_of(1)
     torch.testing.assert_close(lora_fx.fold(adapted)(x), adapted.eval()(x), atol=5e-2, rtol=0)
+
+
+@pytest.mark.slow
+@needs_torchao
+def test_a_qlora_model_trains_in_transformers_trainer_with_gradient_checkpointing(tmp_path):
+    """The user's workflow: quantize_base, then transformers' Trainer(gradient_checkpointing=True), save_pretrained,
+    fold to the user's class, generate."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False,
+                                   pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(3, 100, (16, 12), generator=torch.Generator().manual_seed(0))
+    adapted = lora_fx.adapt(model, Rule(name=r".*_proj", r=8), example_inputs=(ids[:1],))
+    lora_fx.quantize_base(adapted, "nf4")
+    args = transformers.TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
+                                          learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, gradient_checkpointing=True)
+    trainer = transformers.Trainer(model=adapted, args=args,
+                                   train_dataset=[{"input_ids": row, "labels": row} for row in ids])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and sum(losses[4:]) < sum(losses[:4])  # the second epoch fits better than the first
+    adapted.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged = lora_fx.fold(adapted)
+    assert type(merged) is transformers.LlamaForCausalLM
+    assert merged.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
