@@ -96,10 +96,11 @@ def export_onnx(
 def _refuse_quantized_base(model: torch.nn.Module) -> None:
     """A base quantized by lora_fx.quantize_base computes through lora_fx's own NF4/FP8 ops, which ONNX has no
     translation for; what ships is the folded model (plain weights, the base's graph)."""
+    from lora_fx.nf4 import is_nf4
     from lora_fx.state import find_state, unwrap
 
     state = find_state(unwrap(model))
-    quantized = [n for n, p in model.named_parameters() if type(p).__name__ == "NF4Tensor"]
+    quantized = [n for n, p in model.named_parameters() if is_nf4(p)]
     if (state is not None and state.quantized) or quantized:
         raise ExportError("the model's base weights are quantized (lora_fx.quantize_base): ONNX export takes plain "
                           "weights", where=quantized[0] if quantized else type(model).__name__,
