@@ -63,6 +63,9 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # a disabled branch adds nothing (lora_fx.set_adapter / disable_adapters)
         self.roles: tuple[str, ...] = ()  # the graph roles a rule selected this weight (or slice) by, if any
+        # None: the matmuls run in A's dtype (fp32 beside a bf16 base, as PEFT); a dtype (bf16): they run in it and
+        # A, B stay the fp32 master weights the optimizer updates (autocast's recipe; quantize_base("fp8") sets it)
+        self.compute_dtype: torch.dtype | None = None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.rows = tuple(tuple(r) for r in rows)
         self.output_rows = tuple(output_rows) if output_rows is not None else None
@@ -88,8 +91,9 @@ class LoraLinear(nn.Module):
             # for backward) one more copy of the activation per site. The output stays in the autocast dtype like
             # the base op's, so the sum does not upcast the model's activations to fp32
             return F.linear(F.linear(self.dropout(x), self.lora_A), b) * self.scaling
-        h = self.dropout(x).to(self.lora_A.dtype)
-        return (F.linear(F.linear(h, self.lora_A), b) * self.scaling).to(x.dtype)
+        dtype = self.compute_dtype or self.lora_A.dtype
+        h = self.dropout(x).to(dtype)
+        return (F.linear(F.linear(h, self.lora_A.to(dtype)), b.to(dtype)) * self.scaling).to(x.dtype)
 
     @property
     def output_features(self) -> int:

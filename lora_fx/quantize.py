@@ -34,6 +34,7 @@ from torch import nn
 from lora_fx import adapted as adapted_model
 from lora_fx import fp8, nf4
 from lora_fx.errors import FoldError, InputError
+from lora_fx.lora import LoraLinear
 from lora_fx.passes import quantize_base as quantize_pass
 from lora_fx.passes.inject import adapter_key
 from lora_fx.passes.split_layers import LayerView
@@ -44,6 +45,7 @@ log = logging.getLogger("lora_fx")
 
 KINDS = ("nf4", "fp8")
 FOLD_BASES = ("auto", "dequantized", "original")
+LORA_COMPUTE = ("auto", "base", "adapter")
 
 
 class Nf4Matmul(nn.Module):
@@ -108,7 +110,7 @@ class FoldComparison:
 
 # ---------------------------------------------------------------------------------------------------- quantize
 def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapted", keep_original: bool = True,
-                  block_size: int = 64) -> QuantizeReport:
+                  block_size: int = 64, lora_compute: str = "auto") -> QuantizeReport:
     """Store the frozen base weights of `adapted` quantized and compute with them (see the module docstring).
 
     kind: "nf4" (4-bit NormalFloat with double quantization, bf16 compute; needs torchao: the `quant` extra) or
@@ -116,6 +118,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
     8.9+, or runs a reference matmul on the CPU). which: "adapted" (the weights that have a LoRA) or "all" (every
     frozen linear weight; tied weights and modules trained in full stay as they are). keep_original: copy each
     exact W0 to the CPU first, for fold(base="original"). block_size: NF4 block (64 as in QLoRA).
+    lora_compute: the dtype the LoRA branches of quantized weights multiply in: "base" (the base weight's, e.g.
+    bf16; A and B stay fp32 master weights, autocast's recipe), "adapter" (A and B's own, fp32 beside a bf16
+    base, PEFT's QLoRA) or "auto": "base" for fp8 (everything but the frozen FP8 matmuls in bf16, as torchao's
+    float8 training), "adapter" for nf4.
 
     Call it once, right after adapt (or loading an adapter) and before checkpoint_layers / split_layers views or
     torch.compile; it changes the base weights in place in the user's model too (NF4: that is the memory saving).
@@ -126,6 +132,9 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
                          where=type(adapted).__name__, fix="pass lora_fx.adapt's result")
     if kind not in KINDS:
         raise InputError(f"unknown kind {kind!r}", where="quantize_base", fix=f"use one of {KINDS}")
+    if lora_compute not in LORA_COMPUTE:
+        raise InputError(f"unknown lora_compute {lora_compute!r}", where="quantize_base",
+                         fix=f"use one of {LORA_COMPUTE}")
     if which not in ("adapted", "all"):
         raise InputError(f"which must be 'adapted' or 'all', got {which!r}", where="quantize_base",
                          fix="'adapted': the weights with a LoRA; 'all': every frozen linear weight")
@@ -162,6 +171,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
         _set_weight(owner, name, value)
     owner.add_module(quantize_pass.CONTAINER, container)
     state.quantized.update(records)
+    if (lora_compute if lora_compute != "auto" else "base" if kind == "fp8" else "adapter") == "base":
+        for lora in _lora_branches(owner, state):
+            if isinstance(lora, LoraLinear) and lora.weight_name in records:
+                lora.compute_dtype = records[lora.weight_name].dtype
     keys = {name: r.key for name, r in records.items()}
     for gm in _graphs(owner):
         quantize_pass.rewrite(gm, gm.meta["lora_fx"].sites, keys, container)
@@ -209,9 +222,14 @@ def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[
     return chosen, skipped
 
 
+def _lora_branches(owner: nn.Module, state: LoraState) -> list[nn.Module]:
+    """Every adapter's LoRA branch modules."""
+    return [lora for c in state.containers(owner).values() for lora in c.values()]
+
+
 def _lora_weights(owner: nn.Module, state: LoraState) -> set[str]:
     """The weights some adapter's LoRA updates."""
-    return {lora.weight_name for c in state.containers(owner).values() for lora in c.values()}
+    return {lora.weight_name for lora in _lora_branches(owner, state)}
 
 
 def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:

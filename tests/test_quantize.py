@@ -55,11 +55,11 @@ def adapted_mlp(seed: int = 0):
     return model, lora_fx.adapt(model, Rule(name="up|down", r=4), example_inputs=(x_of(0),))
 
 
-def train(adapted, steps: int = 8) -> list[float]:
+def train(adapted, steps: int = 8, dtype: torch.dtype = torch.float32) -> list[float]:
     opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
     losses = []
     for i in range(steps):
-        loss = (adapted(x_of(i)) - 1).pow(2).mean()
+        loss = (adapted(x_of(i).to(dtype)).float() - 1).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,6 +151,26 @@ def test_fp8_matmul_and_its_gradient_follow_the_fp32_product():
     assert rel(x.grad, g @ w) < 0.05
     assert layer.w8.dtype == torch.float8_e4m3fn and layer.wt8.shape == (32, 48)
     assert "w8" not in layer.state_dict()  # derived from the weight: not saved
+
+
+@pytest.mark.parametrize("lora_compute, dtype", [("auto", torch.bfloat16), ("adapter", torch.float32)])
+def test_fp8_runs_the_lora_branches_in_the_base_dtype_with_fp32_master_weights(lora_compute, dtype):
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    adapted = lora_fx.adapt(model, Rule(name="up|down", r=4), example_inputs=(x_of(0).bfloat16(),))
+    lora_fx.quantize_base(adapted, "fp8", lora_compute=lora_compute)
+    branch = adapted.lora_fx["up"]
+    with torch.no_grad():
+        branch.lora_B.normal_()
+    saved = []  # what the branch's matmuls keep for backward: their operands, in the dtype they multiply in
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = branch(x_of(1).bfloat16())
+    assert set(saved) == {dtype} and out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert branch.lora_A.dtype == branch.lora_A.grad.dtype == torch.float32  # the optimizer updates fp32 weights
+    assert branch.lora_A.grad.abs().sum() > 0
+    losses = train(adapted, dtype=torch.bfloat16)
+    assert losses[-1] < 0.8 * losses[0]
 
 
 @pytest.mark.slow
