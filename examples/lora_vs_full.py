@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import pathlib
+import re
 import sys
 import time
 
@@ -48,6 +49,7 @@ VARIANTS = {  # name -> rules (None = full fine-tuning, "none" = no adaptation)
     "LoRA all linears r=8, FP8 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
 }
 QUANTIZED = {"LoRA all linears r=8, NF4 base": "nf4", "LoRA all linears r=8, FP8 base": "fp8"}
+BF16_LORA = "LoRA all linears r=8"  # what the quantized variants are measured against
 
 
 def progress(iterable, desc):
@@ -145,12 +147,23 @@ def summary(name: str, runs: list[dict]) -> dict:
             "fold": runs[0]["fold"]}
 
 
+def quantized_vs_bf16(runs: list[dict]) -> dict[str, list[float]]:
+    """Per quantized variant, its held-out loss relative to bf16 LoRA's in the same seed (paired: same data order
+    and LoRA init, so the seed's luck cancels): (loss - bf16 loss) / bf16 loss, one number per seed."""
+    reference = {r["seed"]: r["test_loss"] for r in runs if r["variant"] == BF16_LORA}
+    return {name: [(r["test_loss"] - reference[r["seed"]]) / reference[r["seed"]]
+                   for r in runs if r["variant"] == name and r["seed"] in reference] for name in QUANTIZED
+            if any(r["variant"] == name and r["seed"] in reference for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/lora_vs_full")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--pretrain-steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--only", default="", help="run only the variants whose name matches this regular "
+                        "expression (e.g. 'all linears' for LoRA on all linears with and without a quantized base)")
     parser.add_argument("--seeds", type=int, default=1, help="runs of each variant, with another data order and "
                         "LoRA init each (every variant of a run gets the same); the table shows the mean and the "
                         "held-out loss's range")
@@ -178,9 +191,10 @@ def main() -> None:
     example = (e2e_batch(train_set, 2, 128, gen).to(device),)
 
     test_batches = [padded(test_set[i:i + 64], device) for i in range(0, len(test_set), 64)]
+    variants = {name: rules for name, rules in VARIANTS.items() if re.search(args.only, name)}
     runs, curves = [], {}
     for seed in range(args.seeds):  # every variant of a seed sees the same data order and the same LoRA init
-        for name, rules in VARIANTS.items():
+        for name, rules in variants.items():
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(1000 + seed)
             run = adapt_and_train(name, rules, base, train_set, test_batches, example, gen, args, device, out)
@@ -189,7 +203,8 @@ def main() -> None:
             runs.append({"seed": seed, **run})
             print(f"seed {seed} {name:30s} exact match {run['exact_match']:6.1%}  test loss {run['test_loss']:.3f}  "
                   f"trainable {run['trainable']:>10,}  {run['train_s']:6.1f} s")
-    results = [summary(name, [r for r in runs if r["variant"] == name]) for name in VARIANTS]
+    results = [summary(name, [r for r in runs if r["variant"] == name]) for name in variants]
+    paired = quantized_vs_bf16(runs)
 
     lines = [f"| variant | held-out exact match | held-out loss (mean, range over {args.seeds} seeds) | trainable "
              "params | file size | train time | peak GPU memory | merged vs quantized model (rel. L2: dequantized / "
@@ -203,11 +218,15 @@ def main() -> None:
                                           if r["seeds"] > 1 else "")
         lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {loss} | {r['trainable']:,} | "
                      f"{size_txt} | {r['train_s']:.1f} s | {peak} | {gap_txt} |")
+    for name, diffs in paired.items():
+        lines.append(f"\n{name}: held-out loss vs bf16 LoRA (same seed, data order and init): mean "
+                     f"{sum(diffs) / len(diffs):+.1%}, per seed {', '.join(f'{d:+.1%}' for d in diffs)}")
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "size": size,
                                                    "steps": args.steps, "seeds": args.seeds, "results": results,
+                                                   "quantized_vs_bf16_lora_loss": paired,
                                                    "runs": runs}, indent=2))
     try:
         import matplotlib
