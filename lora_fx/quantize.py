@@ -171,7 +171,9 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
         _set_weight(owner, name, value)
     owner.add_module(quantize_pass.CONTAINER, container)
     state.quantized.update(records)
-    if (lora_compute if lora_compute != "auto" else "base" if kind == "fp8" else "adapter") == "base":
+    if lora_compute == "auto":
+        lora_compute = "base" if kind == "fp8" else "adapter"
+    if lora_compute == "base":
         for lora in _lora_branches(owner, state):
             if isinstance(lora, LoraLinear) and lora.weight_name in records:
                 lora.compute_dtype = records[lora.weight_name].dtype
