@@ -95,6 +95,18 @@ class Fp8Weight(torch.nn.Module):
         self.register_buffer("wt8", wt8.contiguous(), persistent=False)
         self.register_buffer("wt_scale", wt_scale, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """.to(device) moves the FP8 forms; .to(dtype) / .half() must not cast them (e4m3 codes in bf16 are no
+        longer a _scaled_mm operand, and fp32 scales in bf16 lose precision): a buffer whose dtype `fn` changed is
+        moved to the new device in its own dtype instead."""
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the forward pass multiplies by (codes times scales)."""
         return (self.w8.float() * self.w_scale).to(dtype)

@@ -35,7 +35,23 @@ def _torchao():
                          fix=f"pip install '{EXTRA}' (or pip install torchao)") from None
     finally:
         quiet.setLevel(level)
+    if nf4_tensor.NF4_OPS_TABLE.get(torch.ops.aten.clone.default) is not _exact_clone:
+        nf4_tensor.implements([torch.ops.aten.clone.default])(_exact_clone)
     return nf4_tensor
+
+
+def _exact_clone(func, args, kwargs):
+    """clone (so copy.deepcopy and state_dict copies) of an NF4 tensor: its codes and scales copied as they are.
+    torchao 0.18's own clone dequantizes and quantizes again with its default block sizes, which changes the
+    weight (the double-quantized scales are recomputed) and fails for any other block size; registered in torchao's
+    NF4 op table when lora_fx first loads torchao."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, apply_to_inner_tensors, \
+        construct_nf4_args
+
+    weight = args[0]
+    copies = apply_to_inner_tensors(weight, func, args[1:], kwargs or {})
+    extra = {"scaler_mean": weight.scaler_mean.clone(), "nf4": weight.nf4.clone()}  # not among torchao's inner names
+    return NF4Tensor(*construct_nf4_args(weight, {**copies, **extra}))
 
 
 def block_sizes(numel: int, block_size: int = 64) -> tuple[int, int] | None:

@@ -295,11 +295,12 @@ def base_weight(owner: nn.Module, state: LoraState, name: str, base: str) -> tor
     w = owner.get_parameter(name)
     if record is None:
         return w
+    # w.dtype, not the dtype at quantize_base: the model may have been cast since (.to(torch.bfloat16))
     if base == "original":
-        return record.original.to(w.device)
+        return record.original.to(w.device, w.dtype)
     if record.kind == "nf4":
-        return nf4.dequantize(w, record.dtype)
-    return getattr(owner, quantize_pass.CONTAINER)[record.key].dequantize(record.dtype)
+        return nf4.dequantize(w, w.dtype)
+    return getattr(owner, quantize_pass.CONTAINER)[record.key].dequantize(w.dtype)
 
 
 def compare_folds(adapted: nn.Module, inputs: Iterable[Any]) -> FoldComparison:

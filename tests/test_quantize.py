@@ -153,6 +153,34 @@ def test_fp8_matmul_and_its_gradient_follow_the_fp32_product():
     assert "w8" not in layer.state_dict()  # derived from the weight: not saved
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_model_casts_and_copies_like_a_model(kind):
+    """What users do to any model: .to(torch.bfloat16) after quantize_base (the quantized forms keep their own
+    dtypes; the fold follows the model's new dtype), and copy.deepcopy (an exact copy of the codes and scales)."""
+    import copy
+
+    _, adapted = adapted_mlp()
+    lora_fx.quantize_base(adapted, kind)
+    train(adapted, steps=2)
+    adapted.eval()
+    x = x_of(7)
+
+    twin = copy.deepcopy(adapted)
+    torch.testing.assert_close(twin(x), adapted(x), atol=0, rtol=0)  # bit for bit: nothing was quantized again
+    torch.testing.assert_close(lora_fx.fold(twin)(x), lora_fx.fold(adapted)(x), atol=0, rtol=0)
+
+    twin.to(torch.bfloat16)
+    for name, buffer in twin.named_buffers():
+        if name.startswith("lora_fx_base."):  # FP8 codes stay e4m3, their scales fp32
+            assert buffer.dtype in (torch.float8_e4m3fn, torch.float32), name
+    y = twin(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel(y.float(), adapted(x)) < 0.05  # bf16 activations
+    for base, tolerance in (("dequantized", 0.05), ("original", 0.2)):  # original: W0, without the quantization
+        merged = lora_fx.fold(twin, base=base)                            # error the LoRA was trained against
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        assert rel(merged(x.bfloat16()).float(), y.float()) < tolerance
+
+
 @pytest.mark.parametrize("lora_compute, dtype", [("auto", torch.bfloat16), ("adapter", torch.float32)])
 def test_fp8_runs_the_lora_branches_in_the_base_dtype_with_fp32_master_weights(lora_compute, dtype):
     torch.manual_seed(0)
