@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,8 +38,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lora_fx import quantize
 from lora_fx.atomic import atomic_write_dir
-from lora_fx.errors import AdapterFileError, RuleError
+from lora_fx.errors import AdapterFileError, LoraFxError, RuleError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.peft_config import PEFT_WEIGHTS
 from lora_fx.rollback import unchanged_on_error
@@ -357,6 +359,7 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
         "rules": None if rules is None else [r.to_dict() for r in rules],
         "defaults": None if defaults is None else _jsonable(defaults),
         "parameters": sum(t.numel() for t in tensors.values()),
+        "quantized_base": quantize.adapter_record(state),  # what the LoRA was trained against (None: plain)
     }
     metadata = {"format": "pt", "lora_fx_format": FORMAT, "lora_fx_format_version": str(FORMAT_VERSION)}
 
@@ -430,6 +433,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
                 isinstance(i, int) and not isinstance(i, bool) for i in r) and 0 <= r[0] < r[1] for r in rows)):
             problems.append(f"{w}: rows={rows!r} is not a list of [start, end] row ranges")
+    if config.get("quantized_base") is not None:
+        problems += quantize.record_problems(config["quantized_base"])
     if problems:
         raise AdapterFileError("the config is malformed:\n  - " + "\n  - ".join(problems[:20]), where=where,
                                fix="the file is corrupt or was edited by hand: save the adapter again")
@@ -484,6 +489,7 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
                                f"leave the merged W0 stale", where=str(directory),
                                fix="call lora_fx.unmerge_adapter(adapted) first, then load")
     config, tensors = read_adapter(directory)
+    _warn_if_trained_on_another_base(config.get("quantized_base"), state, directory)
     lora, full = _split_full(tensors)
     missing = sorted(set(modules_in_full(full)) - set(getattr(state, "modules_to_save", ())))
     if missing:
@@ -492,6 +498,18 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
                                                          f"lora_fx.adapt_from_adapter, which does")
     return check_and_copy(gm, container, lora, source=str(Path(directory)), strict=strict,
                           settings=config["weights"], full=full)
+
+
+def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory: Any) -> None:
+    """load_adapter copies A and B whatever the base is; say so when it is not the base the LoRA was trained on."""
+    have = quantize.adapter_record(state) if getattr(state, "quantized", None) else None
+    want = (record["kind"], record["block_size"], record["weights"]) if record else None
+    if want != (have and (have["kind"], have["block_size"], have["weights"])):
+        trained = f"a {record['kind']} base ({len(record['weights'])} weights)" if record else "a plain base"
+        here = f"a {have['kind']} base ({len(have['weights'])} weights)" if have else "a plain base"
+        warnings.warn(f"the adapter in {directory} was trained against {trained}, this model has {here}: its "
+                      f"outputs differ from the trained model's by the quantization error; lora_fx.adapt_from_adapter"
+                      f" rebuilds the base it was trained against", UserWarning, stacklevel=3)
 
 
 def _split_full(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -538,11 +556,15 @@ def rules_for_weights(weights: dict[str, dict], where: str = "adapter") -> list:
 
 def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, example_inputs: tuple | None = None,
                        example_kwargs: dict | None = None, frontend: str | None = None, strict: bool = True,
-                       **trace_options: Any):
+                       quantized_base: bool = True, **trace_options: Any):
     """Adapt `model` exactly as the saved adapter says (the same weights, r, alpha, scaling, dropout) and load it.
 
     frontend=None uses the front end the adapter was saved from; modules the adapter trains in full are trained in
-    full here too, with the saved weights. Returns the adapted model (lora_fx.adapt's kind)."""
+    full here too, with the saved weights. An adapter trained against a quantized base (lora_fx.quantize_base)
+    records it: with quantized_base=True (the default) the same weights of `model` are quantized the same way, as
+    quantize_base does (NF4 replaces them in `model` itself), so the adapted model computes what was trained and
+    fold(base="auto") takes the fold recorded at training; quantized_base=False loads the LoRA onto the plain base
+    (fold then adds it to W0 as it is). Returns the adapted model (lora_fx.adapt's kind)."""
     from lora_fx.api import adapt_model
 
     config, tensors = read_adapter(directory)
@@ -567,4 +589,14 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                                    where=str(directory),
                                    fix="use the model the adapter was trained on, or strict=False to skip them")
         check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights, full=full)
+        record = config.get("quantized_base")
+        if quantized_base and record:
+            try:
+                quantize.reproduce(adapted, record)
+            except LoraFxError as e:
+                raise AdapterFileError(f"the adapter was trained against a {record['kind']} base, which cannot be "
+                                       f"made here: {e.what}", where=f"{directory}" + (f" ({e.where})" if e.where
+                                                                                       else ""),
+                                       fix=f"{e.fix}; or adapt_from_adapter(..., quantized_base=False) to load the "
+                                           f"LoRA onto the plain base") from e
         return adapted

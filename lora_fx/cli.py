@@ -506,6 +506,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     import lora_fx
+    from lora_fx import quantize, state
     from lora_fx.adapter_file import adapt_from_adapter
 
     adapter = pathlib.Path(args.adapter)
@@ -533,6 +534,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     n = sum(1 for _ in adapted.lora_fx.values())
     _info(f"adapted with the {kind} {adapter}: {n} LoRA weight(s), front end "
           f"{lora_fx.capture_info(adapted)['frontend']}")
+    record = quantize.adapter_record(state.adapted_state(adapted)[1])
+    if record:
+        _info(f"the adapter was trained against a {record['kind']} base: its {len(record['weights'])} weights "
+              f"quantized again as then; fold into the {record['fold'] or 'dequantized'} weights")
     merged = lora_fx.fold(adapted)
     dtype = torch.float16 if args.fp16 else None
     with contextlib.ExitStack() as stack:

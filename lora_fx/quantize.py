@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,6 +72,8 @@ class QuantizedWeight:
     dtype: torch.dtype  # the weight's own dtype (the fold writes this dtype back)
     original: torch.Tensor | None  # the exact W0, on the CPU (None: keep_original=False)
     adapted: bool  # whether a LoRA of the model updates it
+    block_size: int  # the NF4 block asked for (lora_fx.nf4.block_sizes picks the one that tiles the weight)
+    lora_compute: str  # "base" or "adapter": the dtype its LoRA branches multiply in
 
 
 @dataclass
@@ -109,14 +111,15 @@ class FoldComparison:
 
 
 # ---------------------------------------------------------------------------------------------------- quantize
-def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapted", keep_original: bool = True,
-                  block_size: int = 64, lora_compute: str = "auto") -> QuantizeReport:
+def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequence[str] = "adapted",
+                  keep_original: bool = True, block_size: int = 64, lora_compute: str = "auto") -> QuantizeReport:
     """Store the frozen base weights of `adapted` quantized and compute with them (see the module docstring).
 
     kind: "nf4" (4-bit NormalFloat with double quantization, bf16 compute; needs torchao: the `quant` extra) or
     "fp8" (e4m3, the forward and input-gradient matmuls on FP8 tensor cores; needs a GPU of compute capability
-    8.9+, or runs a reference matmul on the CPU). which: "adapted" (the weights that have a LoRA) or "all" (every
-    frozen linear weight; tied weights and modules trained in full stay as they are). keep_original: copy each
+    8.9+, or runs a reference matmul on the CPU). which: "adapted" (the weights that have a LoRA), "all" (every
+    frozen linear weight; tied weights and modules trained in full stay as they are) or a list of weight names
+    (each must be quantizable: an adapter file's record of the base it was trained against). keep_original: copy each
     exact W0 to the CPU first, for fold(base="original"). block_size: NF4 block (64 as in QLoRA).
     lora_compute: the dtype the LoRA branches of quantized weights multiply in: "base" (the base weight's, e.g.
     bf16; A and B stay fp32 master weights, autocast's recipe), "adapter" (A and B's own, fp32 beside a bf16
@@ -135,9 +138,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
     if lora_compute not in LORA_COMPUTE:
         raise InputError(f"unknown lora_compute {lora_compute!r}", where="quantize_base",
                          fix=f"use one of {LORA_COMPUTE}")
-    if which not in ("adapted", "all"):
-        raise InputError(f"which must be 'adapted' or 'all', got {which!r}", where="quantize_base",
-                         fix="'adapted': the weights with a LoRA; 'all': every frozen linear weight")
+    if isinstance(which, str) and which not in ("adapted", "all"):
+        raise InputError(f"which must be 'adapted', 'all' or a list of weight names, got {which!r}",
+                         where="quantize_base", fix="'adapted': the weights with a LoRA; 'all': every frozen linear "
+                                                   "weight; a list: those weights")
     if state.quantized:
         raise InputError(f"the base is quantized already ({next(iter(state.quantized.values())).kind})",
                          where=type(owner).__name__, fix="quantize once; fold gives back a plain model")
@@ -145,6 +149,11 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
         raise InputError(f"adapter {state.merged[-1]!r} is merged into the base weights", where="quantize_base",
                          fix="unmerge_adapter first: the LoRA must train against the quantized weights")
     names, skipped = _choose(owner, state, which, kind)
+    if not isinstance(which, str):
+        refused = {w: skipped.get(w, "no linear call of the model reads it") for w in which if w not in names}
+        if refused:
+            raise InputError(f"these weights cannot be quantized: {dict(list(refused.items())[:5])}",
+                             where="quantize_base", fix="list only weights that linear calls read, frozen and untied")
     if not names:
         raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
                          fix="quantize_base takes weights read by linear calls (nn.Linear, F.linear) of an (out, in) "
@@ -165,7 +174,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
             container[key] = Fp8Matmul(w)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
         original = w.detach().to("cpu", copy=True) if keep_original else None
-        records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights)
+        records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size, "adapter")
 
     for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
         _set_weight(owner, name, value)
@@ -173,6 +182,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
     state.quantized.update(records)
     if lora_compute == "auto":
         lora_compute = "base" if kind == "fp8" else "adapter"
+    for record in records.values():
+        record.lora_compute = lora_compute
     if lora_compute == "base":
         for lora in _lora_branches(owner, state):
             if isinstance(lora, LoraLinear) and lora.weight_name in records:
@@ -185,7 +196,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str = "adapte
     return report
 
 
-def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[list[str], dict[str, str]]:
+def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
+            kind: str) -> tuple[list[str], dict[str, str]]:
     """The weights to quantize, and why each other candidate is left as is."""
     adapted_weights = _lora_weights(owner, state)
     tied = tied_weights(adapted_model.user_model(owner))
@@ -197,7 +209,8 @@ def _choose(owner: nn.Module, state: LoraState, which: str, kind: str) -> tuple[
             sites_of.setdefault(site.weight, []).append(site)
     chosen, skipped = [], {}
     for weight, sites in sites_of.items():
-        if which == "adapted" and weight not in adapted_weights:
+        if (which == "adapted" and weight not in adapted_weights) or (
+                not isinstance(which, str) and weight not in which):
             continue
         reasons = list(dict.fromkeys(r for r in map(quantize_pass.why_not_rewritable, sites) if r))
         w = owner.get_parameter(weight)
@@ -245,6 +258,47 @@ def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:
 def _graphs(owner: nn.Module) -> list:
     calls = owner.__dict__[adapted_model.CALLS]
     return list({id(e.graph): e.graph for entries in calls.graphs.values() for e in entries}.values())
+
+
+# ---------------------------------------------------------------------------------------------------- adapter files
+def adapter_record(state: LoraState) -> dict | None:
+    """What an adapter file keeps of the quantized base its LoRA was trained against (None: a plain base): enough
+    for lora_fx.adapt_from_adapter to quantize the same weights of the original model the same way (both
+    quantizations are deterministic), so the fold deploys exactly what was trained, in another process."""
+    if not state.quantized:
+        return None
+    first = next(iter(state.quantized.values()))
+    return {"kind": first.kind, "block_size": first.block_size, "lora_compute": first.lora_compute,
+            "weights": sorted(state.quantized), "fold": state.fold_choice}
+
+
+def record_problems(record: Any) -> list[str]:
+    """Why an adapter file's quantized-base record is malformed (empty: it is well formed). The file is input."""
+    if not isinstance(record, dict):
+        return [f"quantized_base={record!r} is not an object"]
+    problems = []
+    if record.get("kind") not in KINDS:
+        problems.append(f"quantized_base.kind={record.get('kind')!r} is not one of {KINDS}")
+    size = record.get("block_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8 or size & (size - 1):
+        problems.append(f"quantized_base.block_size={size!r} is not a power of two of 8 or more")
+    if record.get("lora_compute") not in ("base", "adapter"):
+        problems.append(f"quantized_base.lora_compute={record.get('lora_compute')!r} is not 'base' or 'adapter'")
+    weights = record.get("weights")
+    if not (isinstance(weights, list) and weights and all(isinstance(w, str) and w for w in weights)):
+        problems.append(f"quantized_base.weights={weights!r} is not a non-empty list of weight names")
+    if record.get("fold") not in (None, "dequantized", "original"):
+        problems.append(f"quantized_base.fold={record.get('fold')!r} is not 'dequantized', 'original' or null")
+    return problems
+
+
+def reproduce(adapted: nn.Module, record: dict) -> QuantizeReport:
+    """Quantize `adapted`'s base as an adapter file's record says (record_problems(record) must be empty), and
+    take the fold it records as fold(base="auto")'s choice."""
+    report = quantize_base(adapted, record["kind"], which=record["weights"], block_size=record["block_size"],
+                           lora_compute=record["lora_compute"])
+    adapted_state(adapted)[1].fold_choice = record["fold"]
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------- capture

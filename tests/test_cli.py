@@ -229,6 +229,28 @@ def test_export(capsys, files, tmp_path):
     assert (base["fc2.weight"] == merged["fc2.weight"]).all()
 
 
+def test_export_of_an_adapter_trained_on_a_quantized_base_folds_what_was_trained(capsys, tmp_path):
+    """The adapter file records the FP8 base it was trained against: export quantizes the same weights again and
+    folds into the dequantized ones, so the merged file holds what training computed, not W0 + delta."""
+    model, args = make_mlp()
+    adapted = lora_fx.adapt(model, [lora_fx.Rule(name="fc1", r=2, alpha=4)], example_inputs=args)
+    lora_fx.quantize_base(adapted, "fp8")
+    torch.manual_seed(1)
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    expected = lora_fx.fold(adapted).fc1.weight.detach().numpy()
+    plain = lora_fx.fold(adapted, base="original").fc1.weight.detach().numpy()
+    out_path = tmp_path / "merged.onnx"
+    code, out, err = run(capsys, "export", FACTORY, "--adapter", tmp_path / "adapter", "--out", out_path)
+    assert code == EXIT_OK, err
+    assert "trained against a fp8 base" in err and "ONNX structure: IDENTICAL" in out
+    from onnx import numpy_helper
+
+    merged = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out_path)).graph.initializer}
+    assert (merged["fc1.weight"] == expected).all() and not (merged["fc1.weight"] == plain).all()
+
+
 def test_export_from_a_peft_folder(capsys, files, tmp_path):
     """--adapter also takes a PEFT LoRA folder (adapter_model.safetensors), loaded with load_peft_adapter."""
     from lora_fx.peft_compat import save_peft_adapter

@@ -181,6 +181,58 @@ def test_a_quantized_model_casts_and_copies_like_a_model(kind):
         assert rel(merged(x.bfloat16()).float(), y.float()) < tolerance
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_adapter_file_rebuilds_the_quantized_base_it_was_trained_against(kind, tmp_path):
+    """Deploy in another process: the adapter file records the quantized base (kind, weights, blocks, the fold
+    compare_folds chose), adapt_from_adapter on the original model rebuilds it, and the fold is the one trained."""
+    import copy
+    import json
+
+    model, adapted = adapted_mlp()
+    pristine = copy.deepcopy(model)  # the user's original model, as it is on disk (NF4 quantizes `model` itself)
+    lora_fx.quantize_base(adapted, kind, which="all")
+    train(adapted, steps=4)
+    adapted.eval()
+    lora_fx.compare_folds(adapted, [x_of(100 + i) for i in range(2)])
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["quantized_base"]
+    assert record["kind"] == kind and record["weights"] == ["down.weight", "head.weight", "up.weight"]
+    assert record["fold"] == "dequantized"
+
+    rebuilt = lora_fx.adapt_from_adapter(copy.deepcopy(pristine), tmp_path / "adapter", example_inputs=(x_of(0),))
+    x = x_of(7)
+    torch.testing.assert_close(rebuilt(x), adapted(x), atol=0, rtol=0)  # the same codes, the same function
+    torch.testing.assert_close(lora_fx.fold(rebuilt)(x), lora_fx.fold(adapted)(x), atol=0, rtol=0)
+
+    plain = lora_fx.adapt_from_adapter(copy.deepcopy(pristine), tmp_path / "adapter", example_inputs=(x_of(0),),
+                                       quantized_base=False)
+    assert all(type(p) is nn.Parameter for p in plain.parameters())
+    torch.testing.assert_close(lora_fx.fold(plain)(x), lora_fx.fold(adapted, base="original")(x), atol=0, rtol=0)
+    with pytest.warns(UserWarning, match=f"trained against a {kind} base"):
+        lora_fx.load_adapter(plain, tmp_path / "adapter")
+
+
+def test_a_malformed_quantized_base_record_is_refused(tmp_path):
+    import json
+
+    _, adapted = adapted_mlp()
+    lora_fx.quantize_base(adapted, "fp8")
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["quantized_base"].update(kind="int2", weights="up.weight")
+    path.write_text(json.dumps(config))
+    with pytest.raises(lora_fx.AdapterFileError, match="quantized_base.kind='int2'.*\n.*quantized_base.weights"):
+        lora_fx.adapt_from_adapter(MLP(), tmp_path / "adapter", example_inputs=(x_of(0),))
+    config["quantized_base"].update(kind="fp8", weights=["up.weight", "nowhere.weight"])
+    path.write_text(json.dumps(config))
+    model = MLP()
+    with pytest.raises(lora_fx.AdapterFileError, match="nowhere.weight.*no linear call") as error:
+        lora_fx.adapt_from_adapter(model, tmp_path / "adapter", example_inputs=(x_of(0),))
+    assert "quantized_base=False" in error.value.fix
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())  # as it was
+
+
 @pytest.mark.parametrize("lora_compute, dtype", [("auto", torch.bfloat16), ("adapter", torch.float32)])
 def test_fp8_runs_the_lora_branches_in_the_base_dtype_with_fp32_master_weights(lora_compute, dtype):
     torch.manual_seed(0)
