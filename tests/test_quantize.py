@@ -393,3 +393,79 @@ def test_a_qlora_model_trains_in_transformers_trainer_with_gradient_checkpointin
     merged = lora_fx.fold(adapted)
     assert type(merged) is transformers.LlamaForCausalLM
     assert merged.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+class WideBlocks(nn.Module):
+    """Residual blocks wide enough for torchao's NF4 sharding: each weight's blocks and block scales split evenly
+    across 2 ranks (256 x 256: 1024 blocks of 64, 4 groups of 256 scales)."""
+
+    def __init__(self, width: int = 256):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def _wide(kind: str):
+    torch.manual_seed(0)
+    adapted = lora_fx.adapt(WideBlocks(), Rule(r=2, alpha=4), example_inputs=(torch.randn(4, 256),),
+                            frontend="export")
+    lora_fx.quantize_base(adapted, kind)
+    return adapted
+
+
+def _fsdp2_quantized_worker(rank: int, world: int, init_file: str, out: str, kind: str = "nf4") -> None:
+    import json
+
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import gloo_rank
+
+    with gloo_rank(rank, world, init_file):
+        adapted, reference = _wide(kind), _wide(kind)  # reference: one process, every rank's batch
+        view = lora_fx.split_layers(adapted)
+        for parts in view.layer_modules.values():
+            for part in parts:
+                fully_shard(part)
+        fully_shard(view)
+        opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+        opt_ref = torch.optim.AdamW(lora_fx.lora_parameters(reference), lr=1e-2)
+        g = [torch.Generator().manual_seed(100 + r) for r in range(world)]
+        batches = [(torch.randn(16, 256, generator=g[r]), torch.randn(16, 256, generator=g[r])) for r in range(world)]
+        for _ in range(3):
+            x, y = batches[rank]
+            loss = F.mse_loss(view(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_ref = sum(F.mse_loss(reference(bx), by) for bx, by in batches) / world
+            opt_ref.zero_grad()
+            loss_ref.backward()
+            opt_ref.step()
+        ours = {k: v.full_tensor() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        ref = lora_fx.lora_state_dict(reference)
+        error = max((ours[k] - ref[k]).abs().max().item() for k in ref)
+        moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"error": error, "moved": moved}, f)
+
+
+@pytest.mark.slow  # two processes: about 20 s on 2 cores
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_base_trains_under_fsdp2_per_layer(kind, tmp_path):
+    """split_layers + fully_shard on every layer part of a quantized model (NF4 weights are sharded with torchao's
+    NF4 all-gather; FP8 forms are buffers, whole on each rank): 3 steps on 2 gloo processes give the LoRA weights
+    one process gives on both batches. Tolerance 1e-5: the same fp32 math, reduced across ranks in another order."""
+    import functools
+
+    from conftest import spawn_fsdp2
+
+    _, results = spawn_fsdp2(functools.partial(_fsdp2_quantized_worker, kind=kind), tmp_path)
+    for r in results:
+        assert r["moved"] > 0 and r["error"] <= 1e-5, r
+
