@@ -120,6 +120,26 @@ def _run_then_exit(rank: int, worker, *args) -> None:
     os._exit(0)
 
 
+def sharded_and_reference_lora(view, adapted, reference, batches, rank: int, steps: int) -> float:
+    """Train `view` (FSDP2-sharded, this rank's batch) and `reference` (one process, every rank's batch, losses
+    averaged as FSDP2 averages gradients) side by side with AdamW; the largest difference of their LoRA weights."""
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
+    opt_ref = torch.optim.AdamW(lora_fx.lora_parameters(reference), lr=1e-2)
+    for _ in range(steps):
+        x, y = batches[rank]
+        loss = F.mse_loss(view(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_ref = sum(F.mse_loss(reference(bx), by) for bx, by in batches) / len(batches)
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+    ours = {k: v.full_tensor() for k, v in lora_fx.lora_state_dict(adapted).items()}
+    ref = lora_fx.lora_state_dict(reference)
+    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
+
+
 def spawn_fsdp2(worker, tmp_path, world: int = 2) -> tuple:
     """Run worker(rank, world, init_file, out) on `world` CPU processes (gloo), skipping where gloo or FSDP2
     (torch >= 2.6) is missing; returns the output folder and each rank's `rank{r}.json`."""

@@ -421,10 +421,9 @@ def _wide(kind: str):
 def _fsdp2_quantized_worker(rank: int, world: int, init_file: str, out: str, kind: str = "nf4") -> None:
     import json
 
-    import torch.nn.functional as F
     from torch.distributed.fsdp import fully_shard
 
-    from conftest import gloo_rank
+    from conftest import gloo_rank, sharded_and_reference_lora
 
     with gloo_rank(rank, world, init_file):
         adapted, reference = _wide(kind), _wide(kind)  # reference: one process, every rank's batch
@@ -433,23 +432,10 @@ def _fsdp2_quantized_worker(rank: int, world: int, init_file: str, out: str, kin
             for part in parts:
                 fully_shard(part)
         fully_shard(view)
-        opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
-        opt_ref = torch.optim.AdamW(lora_fx.lora_parameters(reference), lr=1e-2)
         g = [torch.Generator().manual_seed(100 + r) for r in range(world)]
         batches = [(torch.randn(16, 256, generator=g[r]), torch.randn(16, 256, generator=g[r])) for r in range(world)]
-        for _ in range(3):
-            x, y = batches[rank]
-            loss = F.mse_loss(view(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss_ref = sum(F.mse_loss(reference(bx), by) for bx, by in batches) / world
-            opt_ref.zero_grad()
-            loss_ref.backward()
-            opt_ref.step()
-        ours = {k: v.full_tensor() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        error = sharded_and_reference_lora(view, adapted, reference, batches, rank, steps=3)
         ref = lora_fx.lora_state_dict(reference)
-        error = max((ours[k] - ref[k]).abs().max().item() for k in ref)
         moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"error": error, "moved": moved}, f)

@@ -24,7 +24,7 @@ import lora_fx
 from lora_fx.passes.infra import graph_signature
 
 import zoo as Z
-from conftest import gloo_rank, randomize_lora, spawn_fsdp2
+from conftest import gloo_rank, randomize_lora, sharded_and_reference_lora, spawn_fsdp2
 
 RTOL = 1e-6
 
@@ -301,22 +301,8 @@ def _fsdp2_layers_worker(rank: int, world: int, init_file: str, out: str) -> Non
         fully_shard(view)
         units = sum(isinstance(m, FSDPModule) for m in view.modules())
         adapted_sharded = all(isinstance(p, DTensor) for p in adapted.parameters())
-        opt = torch.optim.AdamW(lora_fx.lora_parameters(adapted), lr=1e-2)
-        opt_ref = torch.optim.AdamW(lora_fx.lora_parameters(reference), lr=1e-2)
-        batches = [_batch(r) for r in range(world)]
-        for _ in range(4):
-            x, y = batches[rank]
-            loss = F.mse_loss(view(x), y)
-            opt.zero_grad()
-            loss.backward()  # FSDP2 averages the ranks' gradients: the reference averages the losses
-            opt.step()
-            loss_ref = sum(F.mse_loss(reference(bx), by) for bx, by in batches) / world
-            opt_ref.zero_grad()
-            loss_ref.backward()
-            opt_ref.step()
-        ours = {k: v.full_tensor() for k, v in lora_fx.lora_state_dict(adapted).items()}
+        error = sharded_and_reference_lora(view, adapted, reference, [_batch(r) for r in range(world)], rank, 4)
         ref = lora_fx.lora_state_dict(reference)
-        error = max((ours[k] - ref[k]).abs().max().item() for k in ref)
         changed = any(v.abs().max().item() > 0 for k, v in ref.items() if "lora_B" in k)
         # docs/tutorials.md section 4: gather the adapted model's state (its own names) into a plain copy, fold it
         full = {k: v.full_tensor() for k, v in adapted.state_dict().items()}
