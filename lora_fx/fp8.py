@@ -45,7 +45,13 @@ def kernel_available(device: torch.device) -> bool:
 
 def reference_mm(a8, a_scale, b8, b_scale, out_dtype) -> torch.Tensor:
     """(a8·a_scale)·(b8·b_scale)ᵀ in fp32: what the kernel computes, on any device."""
-    return ((a8.float() * a_scale) @ (b8.float() * b_scale).t()).to(out_dtype)
+    return _cast((a8.float() * a_scale) @ (b8.float() * b_scale).t(), out_dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, without a .to() that changes nothing: under torch 2.11's torch.compile, an autograd.Function
+    whose forward ends in such a no-op .to() gets a zero input gradient (torch 2.13 is right either way)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def scaled_mm(a8, a_scale, b8, b_scale, out_dtype, fast_accum: bool = False) -> torch.Tensor:
@@ -60,7 +66,7 @@ def scaled_mm(a8, a_scale, b8, b_scale, out_dtype, fast_accum: bool = False) -> 
         a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
     out = torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1), out_dtype=torch.bfloat16,
                            use_fast_accum=fast_accum)
-    return (out[:rows] if pad else out).to(out_dtype)
+    return _cast(out[:rows] if pad else out, out_dtype)
 
 
 class _FrozenFp8Linear(torch.autograd.Function):
