@@ -589,14 +589,18 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                                    where=str(directory),
                                    fix="use the model the adapter was trained on, or strict=False to skip them")
         check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights, full=full)
-        record = config.get("quantized_base")
-        if quantized_base and record:
-            try:
-                quantize.reproduce(adapted, record)
-            except LoraFxError as e:
-                raise AdapterFileError(f"the adapter was trained against a {record['kind']} base, which cannot be "
-                                       f"made here: {e.what}", where=f"{directory}" + (f" ({e.where})" if e.where
-                                                                                       else ""),
-                                       fix=f"{e.fix}; or adapt_from_adapter(..., quantized_base=False) to load the "
-                                           f"LoRA onto the plain base") from e
+        if quantized_base and config.get("quantized_base"):
+            _rebuild_quantized_base(adapted, config["quantized_base"], directory)
         return adapted
+
+
+def _rebuild_quantized_base(adapted: nn.Module, record: dict, directory: Any) -> None:
+    """Quantize `adapted`'s base as the adapter file records it was trained against."""
+    try:
+        quantize.reproduce(adapted, record)
+    except LoraFxError as e:
+        where = f"{directory}" + (f" ({e.where})" if e.where else "")
+        fix = (f"{e.fix}; or " if e.fix else "") + "adapt_from_adapter(..., quantized_base=False) to load the LoRA " \
+                                                    "onto the plain base"
+        raise AdapterFileError(f"the adapter was trained against a {record['kind']} base, which cannot be made "
+                               f"here: {e.what}", where=where, fix=fix) from e
