@@ -81,6 +81,8 @@ def export_onnx(
         model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
     if kv_cache:
         return _export_with_cache(model, path)
+    if dynamic and dynamic_shapes is None:
+        example_inputs, example_kwargs = _wide_examples(model, example_inputs, example_kwargs)
     model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
     with atomic_file(path) as tmp_dir:
         with eval_mode(model):
@@ -252,6 +254,33 @@ def _export_first_that_fits(model: torch.nn.Module, target: pathlib.Path, args: 
                 spec = specs.pop(0)
             else:
                 raise
+
+
+def _wide_examples(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """The example inputs with every dim export_onnx(dynamic=True) makes dynamic at least 2 long (the example
+    repeated along it), when the model's forward takes them so (else the inputs as given). torch.export specializes
+    a dynamic dim whose example is 1 long; torch 2.11 does it silently, keeping the name on the input while the graph
+    computes with 1, so the file fails at any other batch size. The forward run also captures an adapted model's
+    graph for these inputs, which the export then takes."""
+    import inspect
+
+    spec = dynamic_specs(model, args, kwargs)[0]
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    changed = False
+    for name, axes in spec.items():
+        value = bound.arguments.get(name)
+        if isinstance(value, torch.Tensor) and isinstance(axes, dict):
+            for axis in [a for a in axes if isinstance(a, int) and value.shape[a] == 1]:
+                value, changed = torch.cat([value, value], dim=axis), True
+            bound.arguments[name] = value
+    if not changed:
+        return args, kwargs
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*bound.args, **bound.kwargs)
+    except Exception:  # the model takes only these sizes: export as given (torch.export then pins the dim)
+        return args, kwargs
+    return bound.args, bound.kwargs
 
 
 def _optimize(model) -> None:
