@@ -70,7 +70,7 @@ class QuantizedWeight:
     kind: str  # "nf4" or "fp8"
     key: str  # its matmul in the adapted model's lora_fx_base container
     dtype: torch.dtype  # the weight's own dtype (the fold writes this dtype back)
-    original: torch.Tensor | None  # the exact W0, on the CPU (None: keep_original=False)
+    original: torch.Tensor | None  # NF4: the exact W0, on the CPU (None: keep_original=False; FP8: the weight stays)
     adapted: bool  # whether a LoRA of the model updates it
     block_size: int  # the NF4 block asked for (lora_fx.nf4.block_sizes picks the one that tiles the weight)
     lora_compute: str  # "base" or "adapter": the dtype its LoRA branches multiply in
@@ -119,8 +119,9 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     "fp8" (e4m3, the forward and input-gradient matmuls on FP8 tensor cores; needs a GPU of compute capability
     8.9+, or runs a reference matmul on the CPU). which: "adapted" (the weights that have a LoRA), "all" (every
     frozen linear weight; tied weights and modules trained in full stay as they are) or a list of weight names
-    (each must be quantizable: an adapter file's record of the base it was trained against). keep_original: copy each
-    exact W0 to the CPU first, for fold(base="original"). block_size: NF4 block (64 as in QLoRA).
+    (each must be quantizable: an adapter file's record of the base it was trained against). keep_original: NF4
+    copies each exact W0 to the CPU first, for fold(base="original") (FP8 keeps the weight itself beside its FP8
+    forms, so that fold needs no copy). block_size: NF4 block (64 as in QLoRA).
     lora_compute: the dtype the LoRA branches of quantized weights multiply in: "base" (the base weight's, e.g.
     bf16; A and B stay fp32 master weights, autocast's recipe), "adapter" (A and B's own, fp32 beside a bf16
     base, PEFT's QLoRA) or "auto": "base" for fp8 (everything but the frozen FP8 matmuls in bf16, as torchao's
@@ -173,7 +174,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
         else:
             container[key] = Fp8Matmul(w)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
-        original = w.detach().to("cpu", copy=True) if keep_original else None
+        original = w.detach().to("cpu", copy=True) if keep_original and kind == "nf4" else None
         records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size, "adapter")
 
     for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
@@ -336,10 +337,15 @@ def fold_base(state: LoraState, base: str) -> str:
         raise InputError(f"unknown fold base {base!r}", where="fold", fix=f"use one of {FOLD_BASES}")
     if base == "auto":
         return state.fold_choice or "dequantized"
-    if base == "original" and any(r.original is None for r in state.quantized.values()):
+    if base == "original" and not all(map(_has_original, state.quantized.values())):
         raise FoldError("the original weights were not kept (quantize_base(..., keep_original=False))",
                         where="fold", fix="fold with base='dequantized'")
     return base
+
+
+def _has_original(record: QuantizedWeight) -> bool:
+    """Whether the exact W0 is at hand: FP8 leaves the weight itself in place; NF4 replaced it (kept on the CPU)."""
+    return record.kind == "fp8" or record.original is not None
 
 
 def base_weight(owner: nn.Module, state: LoraState, name: str, base: str) -> torch.Tensor:
@@ -351,7 +357,7 @@ def base_weight(owner: nn.Module, state: LoraState, name: str, base: str) -> tor
         return w
     # w.dtype, not the dtype at quantize_base: the model may have been cast since (.to(torch.bfloat16))
     if base == "original":
-        return record.original.to(w.device, w.dtype)
+        return w if record.kind == "fp8" else record.original.to(w.device, w.dtype)
     if record.kind == "nf4":
         return nf4.dequantize(w, w.dtype)
     return getattr(owner, quantize_pass.CONTAINER)[record.key].dequantize(w.dtype)
@@ -372,7 +378,7 @@ def compare_folds(adapted: nn.Module, inputs: Iterable[Any]) -> FoldComparison:
     if not batches:
         raise InputError("no held-out inputs were given", where="compare_folds",
                          fix="pass a list of batches (tensors, argument tuples or keyword dicts)")
-    bases = ["dequantized"] + (["original"] if all(r.original is not None for r in state.quantized.values()) else [])
+    bases = ["dequantized"] + (["original"] if all(map(_has_original, state.quantized.values())) else [])
 
     def outputs(model: nn.Module) -> list[list[torch.Tensor]]:
         was = model.training

@@ -299,21 +299,42 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     with pytest.raises(InputError, match="not adapted|lora_fx.adapt"):
         lora_fx.quantize_base(model, "fp8")
     assert all(p is weights[n] for n, p in model.named_parameters())
-    lora_fx.quantize_base(adapted, "fp8", keep_original=False)
+    lora_fx.quantize_base(adapted, "fp8")
     with pytest.raises(InputError, match="quantized already"):
         lora_fx.quantize_base(adapted, "fp8")
     with pytest.raises(FoldError, match="quantized"):
         lora_fx.merge_adapter(adapted)
     with pytest.raises(FoldError, match="in-place"):
         lora_fx.fold(adapted, inplace=True)
-    with pytest.raises(FoldError, match="keep_original"):
-        lora_fx.fold(adapted, base="original")
     with pytest.raises(InputError, match="fold base"):
         lora_fx.fold(adapted, base="closest")
     with pytest.raises(lora_fx.ExportError, match="lora_fx.fold"):
         lora_fx.export_onnx(adapted, tmp_path / "unmerged.onnx", example_inputs=(x_of(0),))
     assert not list(tmp_path.iterdir())
     assert lora_fx.fold(adapted, base="dequantized") is not None
+
+
+def test_the_original_fold_needs_the_original_weights():
+    """FP8 leaves each weight in place beside its FP8 forms: it is W0, no copy is made. NF4 replaces it: the
+    original fold needs the CPU copy keep_original makes, and says so without it."""
+    from lora_fx.state import adapted_state
+
+    model, adapted = adapted_mlp()
+    w0 = model.up.weight.detach().clone()
+    lora_fx.quantize_base(adapted, "fp8")
+    assert all(r.original is None for r in adapted_state(adapted)[1].quantized.values())  # no host copy
+    with torch.no_grad():
+        adapted.lora_fx["up"].lora_B.normal_()
+    lora = adapted.lora_fx["up"]
+    expected = w0 + lora.scaling * (lora.lora_B.detach() @ lora.lora_A.detach())
+    torch.testing.assert_close(lora_fx.fold(adapted, base="original").up.weight, expected, atol=1e-6, rtol=0)
+    if not _has_torchao():
+        return
+    _, adapted = adapted_mlp()
+    lora_fx.quantize_base(adapted, "nf4", keep_original=False)
+    with pytest.raises(FoldError, match="keep_original"):
+        lora_fx.fold(adapted, base="original")
+    assert lora_fx.compare_folds(adapted, [x_of(1)]).rel_l2.keys() == {"dequantized"}
 
 
 def test_nf4_without_torchao_names_the_extra(monkeypatch):
