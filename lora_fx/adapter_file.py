@@ -502,9 +502,9 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
 
 def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory: Any) -> None:
     """load_adapter copies A and B whatever the base is; say so when it is not the base the LoRA was trained on."""
-    have = quantize.adapter_record(state) if getattr(state, "quantized", None) else None
-    want = (record["kind"], record["block_size"], record["weights"]) if record else None
-    if want != (have and (have["kind"], have["block_size"], have["weights"])):
+    have = quantize.adapter_record(state)
+    base = lambda r: r and (r["kind"], r["block_size"], r["weights"])  # what makes two quantized bases the same
+    if base(record) != base(have):
         trained = f"a {record['kind']} base ({len(record['weights'])} weights)" if record else "a plain base"
         here = f"a {have['kind']} base ({len(have['weights'])} weights)" if have else "a plain base"
         warnings.warn(f"the adapter in {directory} was trained against {trained}, this model has {here}: its "

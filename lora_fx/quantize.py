@@ -69,7 +69,7 @@ class QuantizedWeight:
 
     kind: str  # "nf4" or "fp8"
     key: str  # its matmul in the adapted model's lora_fx_base container
-    dtype: torch.dtype  # the weight's own dtype (the fold writes this dtype back)
+    dtype: torch.dtype  # the weight's dtype at quantize_base (its LoRA's compute dtype under lora_compute="base")
     original: torch.Tensor | None  # NF4: the exact W0, on the CPU (None: keep_original=False; FP8: the weight stays)
     adapted: bool  # whether a LoRA of the model updates it
     block_size: int  # the NF4 block asked for (lora_fx.nf4.block_sizes picks the one that tiles the weight)
@@ -160,6 +160,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
                          fix="quantize_base takes weights read by linear calls (nn.Linear, F.linear) of an (out, in) "
                              "weight; GPT-2's Conv1D and x @ W keep (in, out) weights and stay in their dtype")
     adapted_weights = _lora_weights(owner, state)
+    if lora_compute == "auto":
+        lora_compute = "base" if kind == "fp8" else "adapter"
 
     # every new form is made before anything is changed: an error leaves the model as it was
     container, records, new_weights, before, after = nn.ModuleDict(), {}, {}, 0, 0
@@ -175,16 +177,13 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
             container[key] = Fp8Matmul(w)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
         original = w.detach().to("cpu", copy=True) if keep_original and kind == "nf4" else None
-        records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size, "adapter")
+        records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size,
+                                        lora_compute)
 
     for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
         _set_weight(owner, name, value)
     owner.add_module(quantize_pass.CONTAINER, container)
     state.quantized.update(records)
-    if lora_compute == "auto":
-        lora_compute = "base" if kind == "fp8" else "adapter"
-    for record in records.values():
-        record.lora_compute = lora_compute
     if lora_compute == "base":
         for lora in _lora_branches(owner, state):
             if isinstance(lora, LoraLinear) and lora.weight_name in records:
