@@ -496,8 +496,10 @@ def load_adapter(adapted: nn.Module, directory: str | os.PathLike, *, strict: bo
         raise AdapterFileError(f"the adapter trains {missing} in full, and this adapted model does not",
                                where=str(directory), fix=f"adapt the model with modules_to_save={missing}, or use "
                                                          f"lora_fx.adapt_from_adapter, which does")
-    return check_and_copy(gm, container, lora, source=str(Path(directory)), strict=strict,
-                          settings=config["weights"], full=full)
+    loaded = check_and_copy(gm, container, lora, source=str(Path(directory)), strict=strict,
+                            settings=config["weights"], full=full)
+    quantize.mark_loftq(state, config.get("quantized_base"))
+    return loaded
 
 
 def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory: Any) -> None:

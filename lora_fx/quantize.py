@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lora_fx import adapted as adapted_model
-from lora_fx import fp8, nf4
+from lora_fx import fp8, loftq, nf4
 from lora_fx.errors import FoldError, InputError
 from lora_fx.lora import LoraLinear
 from lora_fx.passes import quantize_base as quantize_pass
@@ -46,6 +46,7 @@ log = logging.getLogger("lora_fx")
 KINDS = ("nf4", "fp8")
 FOLD_BASES = ("auto", "dequantized", "original")
 LORA_COMPUTE = ("auto", "base", "adapter")
+LORA_INITS = ("keep", "loftq")
 
 
 class Nf4Matmul(nn.Module):
@@ -74,6 +75,8 @@ class QuantizedWeight:
     adapted: bool  # whether a LoRA of the model updates it
     block_size: int  # the NF4 block asked for (lora_fx.nf4.block_sizes picks the one that tiles the weight)
     lora_compute: str  # "base" or "adapter": the dtype its LoRA branches multiply in
+    lora_init: str = "keep"  # "loftq": its LoRA started at the quantization error (lora_fx.loftq), so only the
+    #                          dequantized fold is right
 
 
 @dataclass
@@ -86,10 +89,18 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    # lora_init="loftq": per LoRA-updated weight, the share of its quantization error (squared Frobenius norm) that
+    # its LoRA's starting value removes
+    error_removed: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"quantize_base({self.kind!r}): {len(self.quantized)} weights, "
                  f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB on the device"]
+        if self.error_removed:
+            shares = list(self.error_removed.values())
+            lines.append(f"  LoftQ: the LoRAs start holding {sum(shares) / len(shares):.1%} of the quantization "
+                         f"error (its squared norm; mean over {len(shares)} weights, "
+                         f"{min(shares):.1%}-{max(shares):.1%})")
         lines += [f"  left as is: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -112,7 +123,8 @@ class FoldComparison:
 
 # ---------------------------------------------------------------------------------------------------- quantize
 def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequence[str] = "adapted",
-                  keep_original: bool = True, block_size: int = 64, lora_compute: str = "auto") -> QuantizeReport:
+                  keep_original: bool = True, block_size: int = 64, lora_compute: str = "auto",
+                  lora_init: str = "keep") -> QuantizeReport:
     """Store the frozen base weights of `adapted` quantized and compute with them (see the module docstring).
 
     kind: "nf4" (4-bit NormalFloat with double quantization, bf16 compute; needs torchao: the `quant` extra) or
@@ -126,6 +138,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     bf16; A and B stay fp32 master weights, autocast's recipe), "adapter" (A and B's own, fp32 beside a bf16
     base, PEFT's QLoRA) or "auto": "base" for fp8 (everything but the frozen FP8 matmuls in bf16, as torchao's
     float8 training), "adapter" for nf4.
+    lora_init: "keep" (the LoRAs stay as adapt made them: B = 0, so training starts from the quantized model, as in
+    QLoRA) or "loftq" (LoftQ: each LoRA of a quantized weight starts at the best rank-r approximation of its
+    quantization error, so the model starts closer to the original; lora_fx.loftq). LoftQ needs untrained LoRAs,
+    one adapter per weight, and fold into the dequantized weights (the original fold would count the error twice).
 
     Call it once, right after adapt (or loading an adapter) and before checkpoint_layers / split_layers views or
     torch.compile; it changes the base weights in place in the user's model too (NF4: that is the memory saving).
@@ -139,6 +155,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     if lora_compute not in LORA_COMPUTE:
         raise InputError(f"unknown lora_compute {lora_compute!r}", where="quantize_base",
                          fix=f"use one of {LORA_COMPUTE}")
+    if lora_init not in LORA_INITS:
+        raise InputError(f"unknown lora_init {lora_init!r}", where="quantize_base", fix=f"use one of {LORA_INITS}")
     if isinstance(which, str) and which not in ("adapted", "all"):
         raise InputError(f"which must be 'adapted', 'all' or a list of weight names, got {which!r}",
                          where="quantize_base", fix="'adapted': the weights with a LoRA; 'all': every frozen linear "
@@ -176,9 +194,11 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
         else:
             container[key] = Fp8Matmul(w)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
-        original = w.detach().to("cpu", copy=True) if keep_original and kind == "nf4" else None
+        keep = keep_original and kind == "nf4" and lora_init == "keep"  # LoftQ: the original fold is wrong
+        original = w.detach().to("cpu", copy=True) if keep else None
         records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size,
-                                        lora_compute)
+                                        lora_compute, lora_init)
+    starts = _loftq_starts(owner, state, new_weights, container, records) if lora_init == "loftq" else {}
 
     for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
         _set_weight(owner, name, value)
@@ -191,7 +211,13 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     keys = {name: r.key for name, r in records.items()}
     for gm in _graphs(owner):
         quantize_pass.rewrite(gm, gm.meta["lora_fx"].sites, keys, container)
-    report = QuantizeReport(kind, list(names), skipped, before, after)
+    with torch.no_grad():
+        for lora, (A, B, _) in starts.items():
+            lora.lora_A.copy_(A)
+            lora.lora_B.copy_(B)
+    removed = {lora.weight_name + (f" rows {list(lora.rows)}" if lora.rows else ""): share
+               for lora, (_, _, share) in starts.items()}
+    report = QuantizeReport(kind, list(names), skipped, before, after, removed)
     log.info("lora_fx: %s", report)
     return report
 
@@ -237,6 +263,51 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
     return chosen, skipped
 
 
+def _loftq_starts(owner: nn.Module, state: LoraState, new_weights: dict[str, nn.Parameter],
+                  container: nn.ModuleDict, records: dict[str, QuantizedWeight]) -> dict[nn.Module, tuple]:
+    """{LoRA branch: (A, B, share of the error removed)} for LoftQ: each LoRA of a quantized weight starts at the
+    rank-r approximation of W0 − dequant(Q(W0)) (its rows of it, for a slice of a packed weight)."""
+    adapters_of: dict[str, set[str]] = {}
+    branches = []
+    for adapter, modules in state.containers(owner).items():
+        for lora in modules.values():
+            if lora.weight_name in records:
+                adapters_of.setdefault(lora.weight_name, set()).add(adapter)
+                branches.append(lora)
+    if not branches:
+        raise InputError("lora_init='loftq' found no LoRA on the weights it quantizes", where="quantize_base",
+                         fix="quantize the adapted weights (which='adapted'), or use lora_init='keep'")
+    shared = {w: sorted(a) for w, a in adapters_of.items() if len(a) > 1}
+    if shared:
+        raise InputError(f"LoftQ gives one LoRA a weight's quantization error, and several adapters update "
+                         f"{dict(list(shared.items())[:3])}", where="quantize_base",
+                         fix="use lora_init='keep' for models with several adapters on a weight")
+    for lora in branches:
+        if not isinstance(lora, LoraLinear):
+            raise InputError(f"LoftQ needs a linear LoRA, {lora.weight_name} has a {type(lora).__name__}",
+                             where=lora.weight_name, fix="use lora_init='keep'")
+        if bool(lora.lora_B.detach().ne(0).any()):
+            raise InputError("lora_init='loftq' replaces A and B, and this LoRA has trained (or was loaded): B is "
+                             "not zero", where=lora.weight_name,
+                             fix="call quantize_base(..., lora_init='loftq') right after adapt, before training")
+    starts = {}
+    for lora in branches:
+        name = lora.weight_name
+        w = owner.get_parameter(name)
+        with torch.no_grad():
+            if records[name].kind == "nf4":
+                dequantized = nf4.dequantize(new_weights[name], torch.float32)
+            else:
+                dequantized = container[records[name].key].dequantize(torch.float32)
+            error = w.detach().float() - dequantized
+            if lora.row_index is not None:
+                error = error.index_select(0, lora.row_index.to(error.device))
+            A, B = loftq.low_rank_factors(error, lora.r, lora.scaling)
+            share = loftq.rank_r_share(error, A, B, lora.scaling)
+        starts[lora] = (A.to(lora.lora_A.dtype), B.to(lora.lora_B.dtype), share)
+    return starts
+
+
 def _lora_branches(owner: nn.Module, state: LoraState) -> list[nn.Module]:
     """Every adapter's LoRA branch modules."""
     return [lora for c in state.containers(owner).values() for lora in c.values()]
@@ -269,7 +340,7 @@ def adapter_record(state: LoraState) -> dict | None:
         return None
     first = next(iter(state.quantized.values()))
     return {"kind": first.kind, "block_size": first.block_size, "lora_compute": first.lora_compute,
-            "weights": sorted(state.quantized), "fold": state.fold_choice}
+            "lora_init": first.lora_init, "weights": sorted(state.quantized), "fold": state.fold_choice}
 
 
 def record_problems(record: Any) -> list[str]:
@@ -289,15 +360,32 @@ def record_problems(record: Any) -> list[str]:
         problems.append(f"quantized_base.weights={weights!r} is not a non-empty list of weight names")
     if record.get("fold") not in (None, "dequantized", "original"):
         problems.append(f"quantized_base.fold={record.get('fold')!r} is not 'dequantized', 'original' or null")
+    if record.get("lora_init", "keep") not in LORA_INITS:  # files written before LoftQ have no lora_init
+        problems.append(f"quantized_base.lora_init={record.get('lora_init')!r} is not one of {LORA_INITS}")
+    elif record.get("lora_init") == "loftq" and record.get("fold") == "original":
+        problems.append("quantized_base.fold='original' with lora_init='loftq': a LoftQ LoRA folds into the "
+                        "dequantized weights only")
     return problems
+
+
+def mark_loftq(state: LoraState, record: dict | None) -> None:
+    """A LoRA loaded from a file trained with lora_init='loftq' holds its weights' quantization error: mark those
+    weights of this quantized base as such, so fold refuses to add the error to the original W0 again."""
+    if record and record.get("lora_init") == "loftq":
+        for name in record["weights"]:
+            if name in state.quantized:
+                state.quantized[name].lora_init = "loftq"
 
 
 def reproduce(adapted: nn.Module, record: dict) -> QuantizeReport:
     """Quantize `adapted`'s base as an adapter file's record says (record_problems(record) must be empty), and
-    take the fold it records as fold(base="auto")'s choice."""
+    take the fold it records as fold(base="auto")'s choice. The LoRA loaded from the file is not initialised again
+    (a LoftQ record only marks the weights as such: their LoRA holds the quantization error)."""
     report = quantize_base(adapted, record["kind"], which=record["weights"], block_size=record["block_size"],
-                           lora_compute=record["lora_compute"])
-    adapted_state(adapted)[1].fold_choice = record["fold"]
+                           lora_compute=record["lora_compute"], keep_original=record.get("lora_init") != "loftq")
+    state = adapted_state(adapted)[1]
+    mark_loftq(state, record)
+    state.fold_choice = record["fold"]
     return report
 
 
@@ -336,6 +424,11 @@ def fold_base(state: LoraState, base: str) -> str:
         raise InputError(f"unknown fold base {base!r}", where="fold", fix=f"use one of {FOLD_BASES}")
     if base == "auto":
         return state.fold_choice or "dequantized"
+    loftq_weights = [name for name, r in state.quantized.items() if r.lora_init == "loftq"]
+    if base == "original" and loftq_weights:
+        raise FoldError(f"the LoRAs of {loftq_weights[:3]} started at their quantization error (lora_init='loftq'): "
+                        f"folded into the original W0 they would add it twice", where="fold",
+                        fix="fold with base='dequantized' (what base='auto' takes): it is the model that was trained")
     if base == "original" and not all(map(_has_original, state.quantized.values())):
         raise FoldError("the original weights were not kept (quantize_base(..., keep_original=False))",
                         where="fold", fix="fold with base='dequantized'")
@@ -343,8 +436,9 @@ def fold_base(state: LoraState, base: str) -> str:
 
 
 def _has_original(record: QuantizedWeight) -> bool:
-    """Whether the exact W0 is at hand: FP8 leaves the weight itself in place; NF4 replaced it (kept on the CPU)."""
-    return record.kind == "fp8" or record.original is not None
+    """Whether the original fold can be made: the exact W0 is at hand (FP8 leaves the weight itself in place; NF4
+    replaced it, kept on the CPU) and the LoRA does not hold the quantization error (LoftQ)."""
+    return record.lora_init == "keep" and (record.kind == "fp8" or record.original is not None)
 
 
 def base_weight(owner: nn.Module, state: LoraState, name: str, base: str) -> torch.Tensor:

@@ -224,7 +224,16 @@ def test_a_malformed_quantized_base_record_is_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(lora_fx.AdapterFileError, match="quantized_base.kind='int2'.*\n.*quantized_base.weights"):
         lora_fx.adapt_from_adapter(MLP(), tmp_path / "adapter", example_inputs=(x_of(0),))
-    config["quantized_base"].update(kind="fp8", weights=["up.weight", "nowhere.weight"])
+    config["quantized_base"].update(kind="fp8", weights=["up.weight"], lora_init="pissa")
+    path.write_text(json.dumps(config))
+    with pytest.raises(lora_fx.AdapterFileError, match="quantized_base.lora_init='pissa'"):
+        lora_fx.adapt_from_adapter(MLP(), tmp_path / "adapter", example_inputs=(x_of(0),))
+    config["quantized_base"].update(lora_init="loftq", fold="original")
+    path.write_text(json.dumps(config))
+    with pytest.raises(lora_fx.AdapterFileError, match="dequantized weights only"):
+        lora_fx.adapt_from_adapter(MLP(), tmp_path / "adapter", example_inputs=(x_of(0),))
+    del config["quantized_base"]["lora_init"]  # files written before LoftQ have none
+    config["quantized_base"].update(fold=None, weights=["up.weight", "nowhere.weight"])
     path.write_text(json.dumps(config))
     model = MLP()
     with pytest.raises(lora_fx.AdapterFileError, match="nowhere.weight.*no linear call") as error:
@@ -335,6 +344,102 @@ def test_the_original_fold_needs_the_original_weights():
     with pytest.raises(FoldError, match="keep_original"):
         lora_fx.fold(adapted, base="original")
     assert lora_fx.compare_folds(adapted, [x_of(1)]).rel_l2.keys() == {"dequantized"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loftq_starts_the_lora_at_the_quantization_error_and_folds_only_into_the_dequantized_weights(kind, tmp_path):
+    """lora_init='loftq': s·B·A is the best rank-r approximation of W0 - dequant(Q(W0)) (Eckart-Young: what is
+    left is exactly the energy of the other singular values), so the model starts closer to W0 than QLoRA's B = 0
+    does; after training the dequantized fold is the trained model, the original fold is refused (it would add the
+    error twice), and an adapter file rebuilds the same model and keeps that refusal."""
+    import copy
+
+    model, plain = adapted_mlp()
+    x = x_of(99)
+    before = model(x).detach()
+    pristine = copy.deepcopy(model)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora_fx.quantize_base(plain, kind)
+    qlora_error = rel(plain(x), before)
+
+    _, adapted = adapted_mlp()
+    report = lora_fx.quantize_base(adapted, kind, lora_init="loftq")
+    assert set(report.error_removed) == {"up.weight", "down.weight"} and "LoftQ" in str(report)
+    for name in ("up", "down"):
+        lora = adapted.lora_fx[name]
+        dequantized = lora_fx.fold(adapted, base="dequantized").get_parameter(f"{name}.weight").detach().double() - \
+            lora.scaling * (lora.lora_B.detach().double() @ lora.lora_A.detach().double())
+        error = w0[f"{name}.weight"].double() - dequantized
+        S = torch.linalg.svdvals(error)
+        left = error - lora.scaling * (lora.lora_B.detach().double() @ lora.lora_A.detach().double())
+        torch.testing.assert_close(left.pow(2).sum(), S[lora.r:].pow(2).sum(), rtol=1e-4, atol=0)
+        optimum = float(1 - S[lora.r:].pow(2).sum() / S.pow(2).sum())
+        assert report.error_removed[f"{name}.weight"] == pytest.approx(optimum, rel=1e-4)
+    if kind == "nf4":  # the model starts closer to the original than B = 0 does (FP8's error is mostly the
+        assert rel(adapted(x), before) < 0.97 * qlora_error  # activations' own rounding: weights checked above)
+
+    losses = train(adapted)
+    assert losses[-1] < 0.8 * losses[0]
+    adapted.eval()
+    with pytest.raises(FoldError, match="twice"):
+        lora_fx.fold(adapted, base="original")
+    comparison = lora_fx.compare_folds(adapted, [x_of(100 + i) for i in range(2)])
+    assert set(comparison.rel_l2) == {"dequantized"}
+    merged = lora_fx.fold(adapted)
+    if kind == "nf4":
+        torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=1e-5)
+    else:  # FP8 also quantizes the activations
+        assert rel(merged(x), adapted(x)) < 0.05
+
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    rebuilt = lora_fx.adapt_from_adapter(pristine, tmp_path / "adapter", example_inputs=(x_of(0),))
+    torch.testing.assert_close(rebuilt(x), adapted(x), atol=0, rtol=0)
+    torch.testing.assert_close(lora_fx.fold(rebuilt)(x), merged(x), atol=0, rtol=0)
+    with pytest.raises(FoldError, match="twice"):
+        lora_fx.fold(rebuilt, base="original")
+    _, loaded = adapted_mlp()  # load_adapter onto the same quantized base, made with the default lora_init
+    lora_fx.quantize_base(loaded, kind)
+    lora_fx.load_adapter(loaded, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), adapted(x), atol=0, rtol=0)
+    with pytest.raises(FoldError, match="twice"):
+        lora_fx.fold(loaded, base="original")
+
+
+def test_loftq_needs_untrained_loras_and_leaves_the_model_as_it_was_when_refused():
+    model, adapted = adapted_mlp()
+    with torch.no_grad():
+        adapted.lora_fx["down"].lora_B.normal_()
+    A = adapted.lora_fx["up"].lora_A.detach().clone()
+    with pytest.raises(InputError, match="B is not zero") as error:
+        lora_fx.quantize_base(adapted, "fp8", lora_init="loftq")
+    assert error.value.where == "down.weight" and "right after adapt" in error.value.fix
+    assert torch.equal(adapted.lora_fx["up"].lora_A, A) and not hasattr(adapted, "lora_fx_base")
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    with pytest.raises(InputError, match="unknown lora_init"):
+        lora_fx.quantize_base(adapted, "fp8", lora_init="pissa")
+    _, adapted = adapted_mlp()
+    with pytest.raises(InputError, match="no LoRA"):
+        lora_fx.quantize_base(adapted, "fp8", which=["head.weight"], lora_init="loftq")
+
+
+def test_loftq_factors_of_large_matrices_come_from_a_randomized_svd_as_good_as_the_full_one(monkeypatch):
+    """Above FULL_SVD_MAX_ELEMENTS the SVD is randomized (seconds saved per 8B-model matrix): on a matrix with a
+    decaying spectrum it finds the top directions as well as the full SVD (share within 1e-3), deterministically,
+    without moving the user's random stream."""
+    from lora_fx import loftq
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 200, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g))
+    residual = (U * (0.9 ** torch.arange(200.0))) @ V.T
+    full = loftq.rank_r_share(residual, *loftq.low_rank_factors(residual, 8, 2.0), 2.0)
+    monkeypatch.setattr(loftq, "FULL_SVD_MAX_ELEMENTS", 1000)
+    state = torch.random.get_rng_state()
+    A, B = loftq.low_rank_factors(residual, 8, 2.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(loftq.low_rank_factors(residual, 8, 2.0)[0], A)
+    assert A.shape == (8, 200) and B.shape == (300, 8)
+    assert loftq.rank_r_share(residual, A, B, 2.0) == pytest.approx(full, abs=1e-3) and full > 0.5
 
 
 def test_nf4_without_torchao_names_the_extra(monkeypatch):
