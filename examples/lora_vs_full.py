@@ -4,7 +4,8 @@
 2. Adapt it to a data-to-text task in the style of E2E NLG ("name[Aromi], food[Chinese], ... => Aromi is a ..."),
    generated from templates, with held-out (name, food) combinations in the test set.
 3. Compare on the held-out set: no adaptation, full fine-tuning, LoRA on q,v (r=4 and r=8), LoRA on all linears,
-   and LoRA on all linears over a quantized frozen base (lora_fx.quantize_base: NF4 as in QLoRA, and FP8), where
+   and LoRA on all linears over a quantized frozen base (lora_fx.quantize_base: NF4 as in QLoRA, NF4 with the LoRA
+   started at the quantization error (LoftQ), and FP8), where
    lora_fx.compare_folds also measures how far each merged model (the LoRA folded into the original or the
    dequantized weights) is from the quantized model that was trained; the merged model is what gets evaluated.
    Metric: exact match (the greedy decode of the sentence equals the reference: every target character is the
@@ -46,9 +47,14 @@ VARIANTS = {  # name -> rules (None = full fine-tuning, "none" = no adaptation)
     "LoRA q,v r=8": [Rule(name="q_proj|v_proj", r=8, alpha=16)],
     "LoRA all linears r=8": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
     "LoRA all linears r=8, NF4 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
+    "LoRA all linears r=8, NF4 base, LoftQ": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
     "LoRA all linears r=8, FP8 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
 }
-QUANTIZED = {"LoRA all linears r=8, NF4 base": "nf4", "LoRA all linears r=8, FP8 base": "fp8"}
+QUANTIZED = {  # name -> (kind, lora_init) of lora_fx.quantize_base
+    "LoRA all linears r=8, NF4 base": ("nf4", "keep"),
+    "LoRA all linears r=8, NF4 base, LoftQ": ("nf4", "loftq"),
+    "LoRA all linears r=8, FP8 base": ("fp8", "keep"),
+}
 BF16_LORA = "LoRA all linears r=8"  # what the quantized variants are measured against
 
 
@@ -117,7 +123,8 @@ def adapt_and_train(name, rules, base, train_set, test_batches, example, gen, ar
     else:
         model = lora_fx.adapt(model, rules, example_inputs=example)
         if name in QUANTIZED:
-            lora_fx.quantize_base(model, QUANTIZED[name])
+            kind, lora_init = QUANTIZED[name]
+            print(lora_fx.quantize_base(model, kind, lora_init=lora_init))
         params = list(lora_fx.lora_parameters(model))
         trainable = sum(p.numel() for p in params)
         losses = train(model, params, batches, args.steps, 2e-3, device, name)
@@ -167,13 +174,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="runs of each variant, with another data order and "
                         "LoRA init each (every variant of a run gets the same); the table shows the mean and the "
                         "held-out loss's range")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed's number (runs in parallel processes "
+                        "take different seeds; each pretrains its own base)")
+    parser.add_argument("--width", type=int, default=384, help="the model's hidden size (6 heads of width/6)")
+    parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args()
     if args.quick:
         args.pretrain_steps, args.steps = 60, 40
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = dict(d=64, layers=2, heads=4, ctx=192) if args.quick else dict(d=384, layers=6, heads=6, ctx=192)
+    size = dict(d=64, layers=2, heads=4, ctx=192) if args.quick else dict(d=args.width, layers=args.layers,
+                                                                             heads=6, ctx=192)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
 
@@ -193,7 +205,8 @@ def main() -> None:
     test_batches = [padded(test_set[i:i + 64], device) for i in range(0, len(test_set), 64)]
     variants = {name: rules for name, rules in VARIANTS.items() if re.search(args.only, name)}
     runs, curves = [], {}
-    for seed in range(args.seeds):  # every variant of a seed sees the same data order and the same LoRA init
+    # every variant of a seed sees the same data order and the same LoRA init
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, rules in variants.items():
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(1000 + seed)
@@ -213,7 +226,8 @@ def main() -> None:
         size_txt = f"{r['file_bytes'] / 2**10:,.0f} KiB" if r["file_bytes"] else "-"
         peak = f"{r['peak_mib']:,.0f} MiB" if r["peak_mib"] else "-"
         gap = r["merged_vs_quantized_rel_l2"]
-        gap_txt = f"{gap['dequantized']:.1e} / {gap['original']:.1e} (folded: {r['fold']})" if gap else "-"
+        original = f"{gap['original']:.1e}" if gap and "original" in gap else "- (LoftQ: refused)"
+        gap_txt = f"{gap['dequantized']:.1e} / {original} (folded: {r['fold']})" if gap else "-"
         loss = f"{r['test_loss']:.3f}" + (f" ({r['test_loss_min']:.3f}-{r['test_loss_max']:.3f})"
                                           if r["seeds"] > 1 else "")
         lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {loss} | {r['trainable']:,} | "
