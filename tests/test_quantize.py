@@ -405,6 +405,49 @@ def test_loftq_starts_the_lora_at_the_quantization_error_and_folds_only_into_the
         lora_fx.fold(loaded, base="original")
 
 
+class PackedQKV(nn.Module):
+    """One Linear makes q, k and v (chunked), as many attention implementations do."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (t.view(b, n, 4, 8).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_loftq_gives_each_slice_of_a_packed_weight_its_own_rows_of_the_error():
+    """LoRA on the q and v rows of a packed qkv weight: each slice's LoRA starts at the rank-r approximation of the
+    error in its own rows (Eckart-Young again); k's rows keep their quantization error."""
+    torch.manual_seed(0)
+    model = PackedQKV()
+    w0 = model.qkv.weight.detach().clone()
+    x = torch.randn(2, 5, 32)
+    adapted = lora_fx.adapt(model, Rule(role=["attn.q", "attn.v"], r=4), example_inputs=(x,))
+    report = lora_fx.quantize_base(adapted, "fp8", lora_init="loftq")
+    slices = [lora for lora in adapted.lora_fx.values() if lora.weight_name == "qkv.weight"]
+    assert sorted(lora.rows for lora in slices) == [((0, 32),), ((64, 96),)]
+    assert len(report.error_removed) == 2 and all("rows" in key for key in report.error_removed)
+    dequantized = adapted.lora_fx_base[adapted_key(adapted, "qkv.weight")].dequantize(torch.float64)
+    error = w0.double() - dequantized
+    for lora in slices:
+        rows = error[lora.row_index]
+        left = rows - lora.scaling * (lora.lora_B.detach().double() @ lora.lora_A.detach().double())
+        S = torch.linalg.svdvals(rows)
+        torch.testing.assert_close(left.pow(2).sum(), S[lora.r:].pow(2).sum(), rtol=1e-4, atol=0)
+    merged = lora_fx.fold(adapted).qkv.weight.detach().double()
+    torch.testing.assert_close(merged[32:64], dequantized[32:64].float().double(), atol=1e-6, rtol=0)  # k as quantized
+
+
+def adapted_key(adapted, weight: str) -> str:
+    from lora_fx.state import adapted_state
+
+    return adapted_state(adapted)[1].quantized[weight].key
+
+
 def test_loftq_needs_untrained_loras_and_leaves_the_model_as_it_was_when_refused():
     model, adapted = adapted_mlp()
     with torch.no_grad():
