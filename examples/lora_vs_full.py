@@ -24,6 +24,7 @@ import copy
 import json
 import pathlib
 import re
+import statistics
 import sys
 import time
 
@@ -233,8 +234,10 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['exact_match']:.1%} | {loss} | {r['trainable']:,} | "
                      f"{size_txt} | {r['train_s']:.1f} s | {peak} | {gap_txt} |")
     for name, diffs in paired.items():
+        # the standard error says how far the mean can be trusted: on this task one seed's loss moves a lot
+        spread = f" (standard error {statistics.stdev(diffs) / len(diffs) ** 0.5:.1%})" if len(diffs) > 1 else ""
         lines.append(f"\n{name}: held-out loss vs bf16 LoRA (same seed, data order and init): mean "
-                     f"{sum(diffs) / len(diffs):+.1%}, per seed {', '.join(f'{d:+.1%}' for d in diffs)}")
+                     f"{sum(diffs) / len(diffs):+.1%}{spread}, per seed {', '.join(f'{d:+.1%}' for d in diffs)}")
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
