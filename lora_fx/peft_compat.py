@@ -24,6 +24,7 @@ import glob as globlib
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,4 +440,20 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         write_safetensors(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"})
         write_json(config, tmp / PEFT_CONFIG)
 
-    return atomic_write_dir(directory, write, owned=(PEFT_WEIGHTS, PEFT_CONFIG, "README.md"))
+    written = atomic_write_dir(directory, write, owned=(PEFT_WEIGHTS, PEFT_CONFIG, "README.md"))
+    _warn_if_quantized_base(state, directory)
+    return written
+
+
+def _warn_if_quantized_base(state: Any, directory: Any) -> None:
+    """A PEFT config has no field for the base a LoRA was trained against: say what a PEFT user must load it onto."""
+    if not state.quantized:
+        return
+    first = next(iter(state.quantized.values()))
+    loftq = any(r.lora_init == "loftq" for r in state.quantized.values())
+    onto = "bitsandbytes 4-bit NF4 with double quantization" if first.kind == "nf4" else "an FP8 base"
+    warnings.warn(f"the LoRA in {directory} was trained against a {first.kind} base ({len(state.quantized)} weights"
+                  f"{', LoftQ init' if loftq else ''}); PEFT loads it onto whatever base it is given: load it onto "
+                  f"the base quantized the same way ({onto}), or merge with lora_fx.fold (the dequantized fold); on "
+                  f"the unquantized base its outputs differ by the quantization error"
+                  f"{' twice over (the LoRA holds that error)' if loftq else ''}", UserWarning, stacklevel=3)

@@ -392,6 +392,9 @@ def test_loftq_starts_the_lora_at_the_quantization_error_and_folds_only_into_the
         assert rel(merged(x), adapted(x)) < 0.05
 
     lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=f"trained against a {kind} base.*twice over"):  # PEFT has no field for it
+        lora_fx.save_peft_adapter(adapted, tmp_path / "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
     rebuilt = lora_fx.adapt_from_adapter(pristine, tmp_path / "adapter", example_inputs=(x_of(0),))
     torch.testing.assert_close(rebuilt(x), adapted(x), atol=0, rtol=0)
     torch.testing.assert_close(lora_fx.fold(rebuilt)(x), merged(x), atol=0, rtol=0)
