@@ -17,6 +17,8 @@ Variants:
   lora_fx_nf4          lora_fx.adapt -> lora_fx.quantize_base(adapted, "nf4") (torchao NF4, double quantization)
                        -> lora_fx.checkpoint_layers(adapted); eager
   lora_fx_nf4_compile  the same under torch.compile
+  lora_fx_nf4_loftq[_compile]  either, with quantize_base(..., lora_init="loftq") (the LoRAs start at the
+                       quantization error; quantize_s then includes the SVDs; opt-in)
 Per variant: --warmup untimed steps (the first compiles), --steps timed steps (CUDA events); tokens/s from the
 median step; peak memory = torch.cuda.max_memory_allocated from just before the first step (weights, LoRA, AdamW
 states, activations, the dequantized weight in flight). Also a micro-benchmark of one quantized matmul
@@ -49,6 +51,8 @@ VARIANTS = {  # name: (implementation, compiled)
     "peft_bnb_compile": ("peft", True),
     "lora_fx_nf4": ("lora_fx", False),
     "lora_fx_nf4_compile": ("lora_fx", True),
+    "lora_fx_nf4_loftq": ("lora_fx", False),
+    "lora_fx_nf4_loftq_compile": ("lora_fx", True),
 }
 DEFAULT_VARIANTS = ("peft_bnb", "lora_fx_nf4_compile", "lora_fx_nf4")
 LINEARS = tt.ALL_LINEARS
@@ -125,7 +129,7 @@ def run_lora_fx(a, name, cfg, device, batches, flops) -> dict:
     tt.sync(device)
     adapt_s = time.perf_counter() - t
     t = time.perf_counter()
-    report = lora_fx.quantize_base(adapted, "nf4")
+    report = lora_fx.quantize_base(adapted, "nf4", lora_init="loftq" if "_loftq" in name else "keep")
     tt.sync(device)
     quantize_s = time.perf_counter() - t
     view = lora_fx.checkpoint_layers(adapted)
@@ -138,7 +142,9 @@ def run_lora_fx(a, name, cfg, device, batches, flops) -> dict:
     finally:
         del view, adapted, params
     res.update(adapt_s=adapt_s, quantize_s=quantize_s, quantized_weights=len(report.quantized),
-               quantized_mib_before=report.bytes_before / 2**20, quantized_mib_after=report.bytes_after / 2**20)
+               quantized_mib_before=report.bytes_before / 2**20, quantized_mib_after=report.bytes_after / 2**20,
+               loftq_error_removed=(sum(report.error_removed.values()) / len(report.error_removed)
+                                    if report.error_removed else None))
     return res
 
 

@@ -194,12 +194,15 @@ def test_qlora_and_fp8_benchmarks_tiny_run_end_to_end(tmp_path):
     variant of train_throughput.py, on CPU."""
     out = tmp_path / "qlora.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_train.py"), "--tiny", "--variants",
-                           "lora_fx_nf4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "lora_fx_nf4,lora_fx_nf4_loftq", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (result,) = json.loads(out.read_text())["results"]
-    assert result["status"] == "ok" and _positive(result["tokens_per_s"]) and math.isfinite(result["final_loss"])
-    assert result["quantized_weights"] == 14  # 7 linears in each of the 2 layers
-    assert result["quantized_mib_after"] < 0.3 * result["quantized_mib_before"]
+    result, loftq = json.loads(out.read_text())["results"]
+    for r in (result, loftq):
+        assert r["status"] == "ok" and _positive(r["tokens_per_s"]) and math.isfinite(r["final_loss"])
+        assert r["quantized_weights"] == 14  # 7 linears in each of the 2 layers
+        assert r["quantized_mib_after"] < 0.3 * r["quantized_mib_before"]
+    assert result["loftq_error_removed"] is None and 0 < loftq["loftq_error_removed"] < 1
 
     out = tmp_path / "fp8.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--variants", "lora_fx_fp8_eager", "--targets", "all",
