@@ -194,8 +194,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
         else:
             container[key] = Fp8Matmul(w)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
-        keep = keep_original and kind == "nf4" and lora_init == "keep"  # LoftQ: the original fold is wrong
-        original = w.detach().to("cpu", copy=True) if keep else None
+        copy_original = keep_original and kind == "nf4" and lora_init == "keep"  # LoftQ: no original fold
+        original = w.detach().to("cpu", copy=True) if copy_original else None
         records[name] = QuantizedWeight(kind, key, w.dtype, original, name in adapted_weights, block_size,
                                         lora_compute, lora_init)
     starts = _loftq_starts(owner, state, new_weights, container, records) if lora_init == "loftq" else {}
