@@ -319,10 +319,22 @@ def _lora_weights(owner: nn.Module, state: LoraState) -> set[str]:
 
 
 def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:
-    """Replace a weight in the module that owns it (shared by the user's model, the adapted model, its clones)."""
+    """Replace a weight in the module that owns it (shared by the user's model, the adapted model, its clones), and
+    in every captured graph: torch.fx gives a parameter read outside a leaf module (F.linear(x, self.w), x @ W.T)
+    its own holder module in the GraphModule."""
+    roots = [owner, adapted_model.user_model(owner), *_graphs(owner)]
+    for root in {id(m): m for m in roots}.values():
+        _replace_parameter(root, name, value)
+
+
+def _replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    """root's parameter `name` becomes `value`, where root has it (a graph may not read every weight)."""
     path, _, leaf = name.rpartition(".")
-    for root in {id(m): m for m in (owner, adapted_model.user_model(owner))}.values():
+    try:
         module = root.get_submodule(path) if path else root
+    except AttributeError:
+        return
+    if leaf in module._parameters:
         module._parameters[leaf] = value
 
 
@@ -391,8 +403,12 @@ def reproduce(adapted: nn.Module, record: dict) -> QuantizeReport:
 
 # ---------------------------------------------------------------------------------------------------- capture
 def finish_graph(gm: torch.fx.GraphModule, owner: nn.Module, state: LoraState, sites: list) -> None:
-    """The quantize-base pass on a graph captured after quantize_base (adapt's pipeline calls it)."""
+    """The quantize-base pass on a graph captured after quantize_base (adapt's pipeline calls it). The graph was
+    traced with stand-ins of NF4 weights (`traceable`): where it holds a weight itself (torch.fx's holder modules),
+    it gets the quantized one."""
     if state.quantized:
+        for name in state.quantized:
+            _replace_parameter(gm, name, owner.get_parameter(name))
         keys = {name: r.key for name, r in state.quantized.items()}
         quantize_pass.rewrite(gm, sites, keys, getattr(owner, quantize_pass.CONTAINER))
 

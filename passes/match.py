@@ -34,6 +34,11 @@ METHOD_PATTERNS: dict = {
     "matmul": ("matmul", 0, 1, IN_OUT, None),
     "mm": ("matmul", 0, 1, IN_OUT, None),
 }
+# A matmul's W may also be an (out, in) parameter transposed, x @ W.T (Falcon's FalconLinear, hand-written layers):
+# the transpose of a 2-D weight as each front end writes it -> the arguments that make it a plain 2-D transpose
+_TRANSPOSES_OF_ARG0 = {aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t, "t"}
+_TRANSPOSE_DIMS = {aten.transpose.int, torch.transpose, "transpose"}  # (W, 0, 1) or (W, -1, -2)
+_PERMUTES = {aten.permute.default, torch.permute, "permute"}  # (W, [1, 0]) or (W, 1, 0)
 
 # The i in "layers.3.", "h.3.", "blocks.3.", "layer.3.", "block.3." (PEFT's layers_pattern defaults).
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -115,6 +120,25 @@ def _weight_rows(gm: fx.GraphModule, arg) -> tuple[str, tuple[int, int] | None] 
     return None
 
 
+def _transposed_parameter(gm: fx.GraphModule, arg) -> str | None:
+    """The parameter `arg` is the transpose of (W.T, W.t(), W.mT, W.transpose(0, 1), W.permute(1, 0) and their aten
+    forms), for a 2-D parameter; else None."""
+    if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_method") or not arg.args:
+        return None
+    name = _parameter_name(gm, arg.args[0])
+    if name is None or gm.get_parameter(name).dim() != 2:
+        return None
+    target, rest = arg.target, arg.args[1:]
+    if target in _TRANSPOSES_OF_ARG0 and not rest:
+        return name
+    if target is getattr and rest in (("T",), ("mT",)):  # torch.fx's W.T
+        return name
+    if target in _TRANSPOSE_DIMS and len(rest) == 2 and {d % 2 for d in rest} == {0, 1}:
+        return name
+    dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+    return name if target in _PERMUTES and dims in ((1, 0), (-1, -2)) else None
+
+
 def _owner(model: nn.Module, weight: str) -> tuple[str, str]:
     module_name = weight.rpartition(".")[0]
     try:
@@ -156,6 +180,9 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
     if len(args) <= max(x_idx, w_idx) or args[w_idx] is None:
         return None
     found = _weight_rows(gm, args[w_idx])
+    if found is None and kind == "matmul":
+        transposed = _transposed_parameter(gm, args[w_idx])
+        found, layout = ((transposed, None), OUT_IN) if transposed is not None else (None, layout)
     if found is None or (found[1] is not None and layout != OUT_IN):  # only output rows of an (out, in) weight
         return None
     weight, rows = found

@@ -1,17 +1,19 @@
 """Quantize-base pass: route every read of a quantized frozen weight through its quantized matmul.
 
     y = linear(x, W0, b)                          w = get_attr W0          (NF4: the NF4 codes; FP8: W0 itself)
-    (or call_module nn.Linear(x))     becomes     b = get_attr b
-                                                  y = lora_fx_base.<key>(x, w, b)   # NF4 dequant-matmul, or FP8
+    (or call_module nn.Linear(x),     becomes     b = get_attr b
+     or x @ W0.T: Falcon's layers)                y = lora_fx_base.<key>(x, w, b)   # NF4 dequant-matmul, or FP8
 
 The rewritten node keeps its name, and its original call is kept in node.meta, so LoRA branches placed beside it
 (inject) stay where they were and `restore` gives back the graph as traced (fold checks that node for node).
 Only whole-weight linear calls of an (out, in) weight can be rewritten; lora_fx.quantize picks weights whose every
-site is one, and a graph captured later that reads a quantized weight any other way is refused here.
+site is one, and a graph captured later that reads a quantized weight any other way is refused here. For x @ W0.T
+the transpose node is kept too, as a call that reads nothing (`unread`), and restored with the matmul.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from lora_fx.errors import InputError
@@ -25,8 +27,8 @@ TAG, ATTR = "lora_fx_base", "lora_fx_base_attr"  # node.meta keys: the original 
 
 def why_not_rewritable(site: Site) -> str | None:
     """None when the site is a whole-weight linear call of an (out, in) weight; else why it cannot be rewritten."""
-    if site.op not in ("linear_module", "functional_linear"):
-        return f"read by a {site.op} call (only linear calls run on quantized weights)"
+    if site.op not in ("linear_module", "functional_linear") and not _is_transposed_matmul(site):
+        return f"read by a {site.op} call (only linear calls and x @ W.T run on quantized weights)"
     if site.weight_layout != OUT_IN or site.weight_rows is not None:
         return "read in another layout or by row slices"
     if site.other_readers:
@@ -34,8 +36,19 @@ def why_not_rewritable(site: Site) -> str | None:
     return None
 
 
+def _is_transposed_matmul(site: Site) -> bool:
+    """x @ W.T (matmul / mm on the transpose of a whole (out, in) weight, x first, no bias): linear(x, W)."""
+    return site.op == "matmul" and site.weight_layout == OUT_IN and site.input_arg == 0 and not site.has_bias
+
+
+def unread(weight: torch.Tensor) -> None:
+    """What the transpose node of a rewritten x @ W.T calls: nothing (an NF4 weight has no transpose to make)."""
+    return None
+
+
 def _call_parts(gm: fx.GraphModule, node: fx.Node, site: Site) -> tuple[object, fx.Node, object]:
-    """(x, weight node, bias node or None) of a linear site, adding get_attr nodes for a module call's tensors."""
+    """(x, weight node, bias node or None) of a linear site, adding get_attr nodes for a module call's tensors.
+    For x @ W.T the transpose node is kept (restore puts it back) and made to read nothing."""
     if node.op == "call_module":
         module: nn.Module = gm.get_submodule(node.target)
         with gm.graph.inserting_before(node):
@@ -45,6 +58,13 @@ def _call_parts(gm: fx.GraphModule, node: fx.Node, site: Site) -> tuple[object, 
             if added is not None:
                 added.meta[ATTR] = True
         return node.args[0], weight, bias
+    if site.op == "matmul":
+        transpose = _positional(node, "matmul")[0][1]
+        weight = transpose.args[0]
+        if TAG not in transpose.meta:  # two matmuls may share one W.T
+            keep_call(transpose, TAG)
+            transpose.op, transpose.target, transpose.args, transpose.kwargs = "call_function", unread, (weight,), {}
+        return node.args[0], weight, None
     args, _ = _positional(node, "functional_linear")
     return args[0], args[1], args[2] if len(args) > 2 else None
 

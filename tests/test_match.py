@@ -25,6 +25,45 @@ def test_every_kind_of_site_is_found(block, frontend):
     assert layouts["w_up"] == ("in_out", 16, 32) and layouts["w_down"] == ("out_in", 32, 16)
 
 
+class TransposedWeights(nn.Module):
+    """x @ W.T on (out, in) weights, written each way a model does it (Falcon's FalconLinear: input @ self.weight.T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(8, 8) / 3) for _ in range(6))
+        self.head = nn.Parameter(torch.randn(4, 8) / 3)  # (out=4, in=8): the layout tells out from in
+
+    def forward(self, x):
+        w = self.ws
+        x = x @ w[0].T
+        x = x @ w[1].t()
+        x = torch.matmul(x, w[2].transpose(0, 1))
+        x = x.matmul(w[3].mT)
+        x = x @ w[4].permute(1, 0)
+        x = torch.mm(x, w[5].transpose(-1, -2))
+        return x @ self.head.T
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_a_matmul_on_a_transposed_weight_is_a_site_with_the_weight_as_it_is_stored(frontend):
+    """x @ W.T in any spelling is a matmul site of the (out, in) weight W: the LoRA's delta is added to W as stored,
+    and the folded model equals the adapted one."""
+    torch.manual_seed(0)
+    model, args = TransposedWeights(), (torch.randn(3, 8),)
+    plan = lora_fx.plan(model, example_inputs=args, frontend=frontend)
+    sites = {d.site.weight: d.site for d in plan.decisions}
+    assert set(sites) == {f"ws.{i}" for i in range(6)} | {"head"}
+    assert all(s.op == "matmul" and s.weight_layout == "out_in" and not s.other_readers for s in sites.values())
+    assert (sites["head"].in_features, sites["head"].out_features) == (8, 4)
+    adapted = lora_fx.adapt(model, example_inputs=args, frontend=frontend, r=2)
+    randomize_lora(adapted)
+    with torch.no_grad():
+        merged = lora_fx.fold(adapted)
+        torch.testing.assert_close(merged(*args), adapted(*args), atol=1e-5, rtol=1e-5)
+        lora = adapted.lora_fx["head"]
+        torch.testing.assert_close(merged.head - model.head, lora.scaling * lora.lora_B @ lora.lora_A)
+
+
 class SharedWeight(nn.Module):
     """One weight used at two call sites (as DeBERTa-v2 reuses its projections)."""
 

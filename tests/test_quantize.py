@@ -538,6 +538,44 @@ def test_weights_read_other_than_by_a_linear_call_stay_as_they_are_with_the_reas
     torch.testing.assert_close(lora_fx.fold(adapted)(x), adapted.eval()(x), atol=5e-2, rtol=0)
 
 
+class TransposedLinears(nn.Module):
+    """Falcon's FalconLinear: input @ self.weight.T (+ bias), an nn.Linear subclass that never calls F.linear."""
+
+    class Layer(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = self.Layer(64, 128), self.Layer(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_x_at_w_transposed_runs_on_the_quantized_weight_and_folds_to_the_traced_graph(kind, frontend):
+    """x @ W.T is linear(x, W): quantize_base rewrites it to the quantized matmul (the transpose node reads nothing
+    meanwhile), training works, and fold gives back the traced graph with the dequantized fold."""
+    torch.manual_seed(0)
+    model = TransposedLinears()
+    x = x_of(3)
+    before = model(x).detach()
+    adapted = lora_fx.adapt(model, Rule(r=4), example_inputs=(x_of(0),), frontend=frontend)
+    report = lora_fx.quantize_base(adapted, kind)
+    assert sorted(report.quantized) == ["down.weight", "up.weight"] and not report.skipped
+    assert lora_fx.graph(adapted).code.count("lora_fx_base") == 2
+    assert 0.001 < rel(adapted(x), before) < 0.2  # the quantization error is there, and bounded
+    losses = train(adapted)
+    assert losses[-1] < 0.8 * losses[0]
+    adapted.eval()
+    merged = lora_fx.fold(adapted, base="dequantized")
+    assert type(merged) is TransposedLinears
+    tolerance = 1e-5 if kind == "nf4" else 0.05  # FP8 also quantizes the activations
+    assert rel(merged(x), adapted(x)) < tolerance
+
+
 @pytest.mark.slow
 @needs_torchao
 def test_a_qlora_model_trains_in_transformers_trainer_with_gradient_checkpointing(tmp_path):
