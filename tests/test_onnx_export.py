@@ -276,6 +276,23 @@ def test_swin_exports_base_and_merged_identical(tmp_path):
     _base_and_merged_identical(model, x, lora_fx.Rule(name="q_proj|v_proj|query|value", r=2, alpha=4), tmp_path)
 
 
+def test_a_decoder_with_its_kv_cache_on_exports_without_the_cache(tmp_path):
+    """Every transformers decoder LM's config has use_cache=True, and the DynamicCache it returns has no ONNX form
+    (the exporter failed on it): export_onnx and check_parity pass use_cache=False unless told otherwise (a file
+    with the cache is kv_cache=True's), and the user's model keeps its cache."""
+    transformers = pytest.importorskip("transformers")
+    import lora_fx
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=50)
+    model, ids = transformers.MistralForCausalLM(config).eval(), torch.randint(3, 50, (2, 7))
+    assert model.config.use_cache and model(ids).past_key_values is not None
+    _base_and_merged_identical(model, ids, lora_fx.Rule(name="q_proj|v_proj", r=2, alpha=4), tmp_path)
+    assert _interface(tmp_path / "merged.onnx")[1] == {"logits": [2, 7, 50]}
+    assert model(ids).past_key_values is not None
+
+
 def _base_and_merged_identical(model, x, rule, tmp_path) -> None:
     """adapt -> random B -> fold; base and merged exports verify identical; ORT runs the merged file as torch does."""
     import lora_fx

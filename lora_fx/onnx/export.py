@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -81,6 +82,7 @@ def export_onnx(
         model, example_inputs, example_kwargs = _cast(model, example_inputs, example_kwargs, dtype)
     if kv_cache:
         return _export_with_cache(model, path)
+    example_kwargs = without_cache_output(model, example_kwargs)
     if dynamic and dynamic_shapes is None:
         example_inputs, example_kwargs = _wide_examples(model, example_inputs, example_kwargs)
     model, example_inputs, example_kwargs = _exportable(model, example_inputs, example_kwargs)
@@ -93,6 +95,22 @@ def export_onnx(
             _export_first_that_fits(model, tmp_dir / path.name, example_inputs, example_kwargs, specs, path,
                                     outputs)
     return path
+
+
+def without_cache_output(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """kwargs with use_cache=False for a transformers model whose config turns the KV cache on (the default of every
+    decoder LM) and a forward that takes use_cache, unless the caller chose: the cache object in its outputs has no
+    ONNX form, and a file with a cache is kv_cache=True's."""
+    from lora_fx.adapted import is_adapted, user_model
+
+    plain = user_model(model) if is_adapted(model) else model
+    if "use_cache" in kwargs or not getattr(getattr(plain, "config", None), "use_cache", False):
+        return kwargs
+    try:
+        takes = "use_cache" in inspect.signature(plain.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {**kwargs, "use_cache": False} if takes else kwargs
 
 
 def _refuse_quantized_base(model: torch.nn.Module) -> None:

@@ -167,10 +167,13 @@ def check_parity(
     max_rel_err is |onnx - torch| / |torch| over the elements where |torch| > atol (the relative error of
     near-zero values says nothing).
     """
+    from lora_fx.onnx.export import without_cache_output  # export_onnx's default: no KV cache in the outputs
+
     session = _as_session(onnx_path, device)
+    example_kwargs = without_cache_output(module, dict(example_kwargs or {}))
     onnx_outputs = run_onnx(session, example_inputs, example_kwargs)
     args = (example_inputs,) if _is_array(example_inputs) else tuple(example_inputs)
-    torch_outputs, torch_precisions = _torch_outputs(module, args, dict(example_kwargs or {}))
+    torch_outputs, torch_precisions = _torch_outputs(module, args, example_kwargs)
     names = [o.name for o in session.get_outputs()]
     if len(torch_outputs) != len(onnx_outputs):
         raise InputError(
