@@ -349,6 +349,8 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
         module = site.module if site else lora.weight_name.rpartition(".")[0]
         module_type = site.module_type if site else "?"
         peft_types = kind_of(site).peft_types if site else ()
+        if site and _linear_subclass(gm, module):  # PEFT adapts any nn.Linear (Falcon's FalconLinear: x @ W.T)
+            module_type = "Linear"
         bare = site is not None and kind_of(site).name in ("experts", "linear") and not lora.rows \
             and lora.output_rows is None and lora.weight_name.rpartition(".")[0] == module != ""  # PEFT wraps the
         # module that owns a targeted parameter, so it cannot target the top-level module's own parameters
@@ -443,6 +445,15 @@ def save_peft_adapter(adapted: nn.Module, directory: str | os.PathLike, *, base_
     written = atomic_write_dir(directory, write, owned=(PEFT_WEIGHTS, PEFT_CONFIG, "README.md"))
     _warn_if_quantized_base(state, directory)
     return written
+
+
+def _linear_subclass(root: nn.Module, module: str) -> bool:
+    """Whether `module` is an nn.Linear of another class: PEFT wraps it as a Linear whatever its forward does."""
+    try:
+        owner = root.get_submodule(module) if module else None
+    except AttributeError:
+        return False
+    return isinstance(owner, nn.Linear) and type(owner) is not nn.Linear
 
 
 def _warn_if_quantized_base(state: Any, directory: Any) -> None:

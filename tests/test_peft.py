@@ -211,6 +211,33 @@ def test_round_trip_through_peft_format(tmp_path):
         assert torch.allclose(pm(x), adapted(x), rtol=0, atol=ATOL)
 
 
+def test_falcon_linears_x_at_w_transposed_go_to_peft_as_linear_modules(tmp_path):
+    """Falcon's FalconLinear (an nn.Linear subclass computing x @ W.T) is a Linear to PEFT: the adapter names the
+    modules (target_modules, not target_parameters), PEFT computes what lora_fx does, and it loads back."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=50,
+                                       use_cache=False)
+    base = transformers.FalconForCausalLM(config).eval()
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    adapted = lora_fx.adapt(copy.deepcopy(base), example_inputs=(ids,))
+    assert len(adapted.lora_fx) == 4  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h (x @ W.T each)
+    with torch.no_grad():
+        for lora in adapted.lora_fx.values():
+            lora.lora_B.normal_(0, 0.1)
+    save_peft_adapter(adapted, tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert "dense_4h_to_h" in config["target_modules"] and not config["target_parameters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        assert (want - base(input_ids=ids).logits).abs().max() > MIN_DELTA
+        assert torch.allclose(pm(input_ids=ids).logits, want, rtol=0, atol=ATOL)
+        back = load_peft_adapter(copy.deepcopy(base), tmp_path / "p", example_inputs=(ids,))
+        assert torch.allclose(back(input_ids=ids).logits, want, rtol=0, atol=ATOL)
+
+
 def test_refuses_dora_and_other_variants(tmp_path):
     pm, pristine = peft_saved(tmp_path, gpt2, LoraConfig(r=2, target_modules=["c_attn"], use_dora=True,
                                                          fan_in_fan_out=True))
