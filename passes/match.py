@@ -129,13 +129,15 @@ def _transposed_parameter(gm: fx.GraphModule, arg) -> str | None:
     if name is None or gm.get_parameter(name).dim() != 2:
         return None
     target, rest = arg.target, arg.args[1:]
-    if target in _TRANSPOSES_OF_ARG0 and not rest:
-        return name
-    if target is getattr and rest in (("T",), ("mT",)):  # torch.fx's W.T
-        return name
-    if target in _TRANSPOSE_DIMS and len(rest) == 2 and {d % 2 for d in rest} == {0, 1}:
-        return name
+    if target is getattr:  # torch.fx's W.T / W.mT
+        return name if rest in (("T",), ("mT",)) else None
     dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    if target in _TRANSPOSES_OF_ARG0:
+        return name if not dims else None
+    if target in _TRANSPOSE_DIMS:
+        return name if len(dims) == 2 and {d % 2 for d in dims} == {0, 1} else None
     return name if target in _PERMUTES and dims in ((1, 0), (-1, -2)) else None
 
 
@@ -180,9 +182,10 @@ def _site(gm, model, node, kind, x_idx, w_idx, layout, b_idx) -> Site | None:
     if len(args) <= max(x_idx, w_idx) or args[w_idx] is None:
         return None
     found = _weight_rows(gm, args[w_idx])
-    if found is None and kind == "matmul":
+    if found is None and kind == "matmul":  # x @ W.T: the (out, in) weight W, transposed for the matmul
         transposed = _transposed_parameter(gm, args[w_idx])
-        found, layout = ((transposed, None), OUT_IN) if transposed is not None else (None, layout)
+        if transposed is not None:
+            found, layout = (transposed, None), OUT_IN
     if found is None or (found[1] is not None and layout != OUT_IN):  # only output rows of an (out, in) weight
         return None
     weight, rows = found
