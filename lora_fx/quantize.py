@@ -200,8 +200,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
                                         lora_compute, lora_init)
     starts = _loftq_starts(owner, state, new_weights, container, records) if lora_init == "loftq" else {}
 
-    for name, value in new_weights.items():  # NF4: the weight itself is replaced, in the module that owns it
-        _set_weight(owner, name, value)
+    _set_weights(owner, new_weights)  # NF4: the weight itself is replaced, in the module that owns it
     owner.add_module(quantize_pass.CONTAINER, container)
     state.quantized.update(records)
     if lora_compute == "base":
@@ -318,13 +317,14 @@ def _lora_weights(owner: nn.Module, state: LoraState) -> set[str]:
     return {lora.weight_name for lora in _lora_branches(owner, state)}
 
 
-def _set_weight(owner: nn.Module, name: str, value: nn.Parameter) -> None:
-    """Replace a weight in the module that owns it (shared by the user's model, the adapted model, its clones), and
+def _set_weights(owner: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+    """Replace weights in the modules that own them (shared by the user's model, the adapted model, its clones), and
     in every captured graph: torch.fx gives a parameter read outside a leaf module (F.linear(x, self.w), x @ W.T)
     its own holder module in the GraphModule."""
     roots = [owner, adapted_model.user_model(owner), *_graphs(owner)]
     for root in {id(m): m for m in roots}.values():
-        _replace_parameter(root, name, value)
+        for name, value in weights.items():
+            _replace_parameter(root, name, value)
 
 
 def _replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
@@ -418,19 +418,13 @@ def traceable(owner: nn.Module, state: LoraState) -> Iterator[None]:
     """Plain stand-ins for NF4 weights while a call is traced: torch.export cannot trace into an NF4 tensor, and the
     graph only needs the weight's shape, dtype and device (the quantize-base pass routes it afterwards). The
     stand-in is a zero broadcast to the weight's shape: no memory."""
-    swapped = []
-    for name, record in state.quantized.items():
-        if record.kind != "nf4":
-            continue
-        w = owner.get_parameter(name)
-        stand_in = nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape), requires_grad=False)
-        swapped.append((name, w))
-        _set_weight(owner, name, stand_in)
+    nf4_weights = {name: owner.get_parameter(name) for name, r in state.quantized.items() if r.kind == "nf4"}
+    _set_weights(owner, {name: nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape),
+                                            requires_grad=False) for name, w in nf4_weights.items()})
     try:
         yield
     finally:
-        for name, w in swapped:
-            _set_weight(owner, name, w)
+        _set_weights(owner, nf4_weights)
 
 
 # ---------------------------------------------------------------------------------------------------- fold
