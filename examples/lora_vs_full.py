@@ -8,6 +8,8 @@
    started at the quantization error (LoftQ), and FP8), where
    lora_fx.compare_folds also measures how far each merged model (the LoRA folded into the original or the
    dequantized weights) is from the quantized model that was trained; the merged model is what gets evaluated.
+   On a GPU with peft and bitsandbytes installed, the peer runs too: PEFT's LoRA over bitsandbytes' NF4 layers
+   (QLoRA as its authors ship it), so a gap to bf16 LoRA can be told apart from what NF4 itself costs.
    Metric: exact match (the greedy decode of the sentence equals the reference: every target character is the
    model's argmax given the reference prefix) and the held-out loss on the sentence.
 Reports trainable parameters, adapter file size, training time and peak memory; writes a loss-curve PNG and a
@@ -50,7 +52,10 @@ VARIANTS = {  # name -> rules (None = full fine-tuning, "none" = no adaptation)
     "LoRA all linears r=8, NF4 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
     "LoRA all linears r=8, NF4 base, LoftQ": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
     "LoRA all linears r=8, FP8 base": [Rule(name="head", exclude=True), Rule(op="linear_module", r=8, alpha=16)],
+    "PEFT + bitsandbytes QLoRA all linears r=8": "peft_bnb",
 }
+PEER = "PEFT + bitsandbytes QLoRA all linears r=8"
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up", "down"]  # every linear of TinyGPT but the head
 QUANTIZED = {  # name -> (kind, lora_init) of lora_fx.quantize_base
     "LoRA all linears r=8, NF4 base": ("nf4", "keep"),
     "LoRA all linears r=8, NF4 base, LoftQ": ("nf4", "loftq"),
@@ -78,6 +83,62 @@ def train(model, params, batches, steps, lr, device, desc) -> list[float]:
         sched.step()
         losses.append(loss.item())
     return losses
+
+
+def peer_available(device: str) -> str | None:
+    """None when PEFT + bitsandbytes can run here, else why not (bitsandbytes' NF4 kernels need a GPU)."""
+    if device != "cuda":
+        return "bitsandbytes' NF4 needs a GPU"
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e})"
+    return None
+
+
+def peft_bnb_qlora(model: torch.nn.Module, init: torch.nn.Module, tmp: pathlib.Path) -> torch.nn.Module:
+    """The peer: TinyGPT's linears (not the head) as bitsandbytes Linear4bit (NF4, double quantization, bf16
+    compute; what transformers' BitsAndBytesConfig(load_in_4bit=True) builds), then PEFT LoRA r=8 on them, started
+    at the LoRA init of `init` (a lora_fx model adapted with the same seed, written by save_peft_adapter): the peer
+    and the lora_fx variants share base, data order and init, so their difference is the NF4 implementation's."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in PEFT_TARGETS and isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4").to(child.weight.device)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, q)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PEFT_TARGETS))
+    lora_fx.save_peft_adapter(init, tmp)
+    result = set_peft_model_state_dict(peft_model, load_file(str(tmp / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise RuntimeError(f"the LoRA init did not load into PEFT: {result.unexpected_keys[:3]}")
+    return peft_model
+
+
+def peft_bnb_fold(peft_model: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy of `base` whose adapted weights are dequant(NF4) + (alpha/r)·B·A in fp32: the peer's trained
+    model as the same kind of merged model the other variants are evaluated as."""
+    import bitsandbytes.functional as bnbf
+
+    merged = copy.deepcopy(base)
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            w = module.base_layer.weight
+            dense = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+            delta = module.get_delta_weight("default").float()
+            path = name.removeprefix("base_model.model.")
+            merged.get_submodule(path).weight.data.copy_(dense + delta)
+    return merged
 
 
 def padded(examples: list[str], device: str) -> torch.Tensor:
@@ -114,6 +175,13 @@ def adapt_and_train(name, rules, base, train_set, test_batches, example, gen, ar
     batches = lambda: e2e_batch(train_set, 32, 128, gen)
     if rules == "none":
         trainable, losses = 0, []
+    elif rules == "peft_bnb":  # the peer, trained like the LoRA variants, evaluated as its dequantized fold
+        init = lora_fx.adapt(copy.deepcopy(base), VARIANTS[BF16_LORA], example_inputs=example)
+        peft_model = peft_bnb_qlora(model, init, out / "peft_init")
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        losses = train(peft_model, params, batches, args.steps, 2e-3, device, name)
+        model = peft_bnb_fold(peft_model, base)
     elif rules is None:  # full fine-tuning
         for p in model.parameters():
             p.requires_grad_(True)
@@ -156,11 +224,11 @@ def summary(name: str, runs: list[dict]) -> dict:
 
 
 def quantized_vs_bf16(runs: list[dict]) -> dict[str, list[float]]:
-    """Per quantized variant, its held-out loss relative to bf16 LoRA's in the same seed (paired: same data order
+    """Per quantized variant (the peer's too), its held-out loss relative to bf16 LoRA's in the same seed (paired: same data order
     and LoRA init, so the seed's luck cancels): (loss - bf16 loss) / bf16 loss, one number per seed."""
     reference = {r["seed"]: r["test_loss"] for r in runs if r["variant"] == BF16_LORA}
     return {name: [(r["test_loss"] - reference[r["seed"]]) / reference[r["seed"]]
-                   for r in runs if r["variant"] == name and r["seed"] in reference] for name in QUANTIZED
+                   for r in runs if r["variant"] == name and r["seed"] in reference] for name in (*QUANTIZED, PEER)
             if any(r["variant"] == name and r["seed"] in reference for r in runs)}
 
 
@@ -205,6 +273,9 @@ def main() -> None:
 
     test_batches = [padded(test_set[i:i + 64], device) for i in range(0, len(test_set), 64)]
     variants = {name: rules for name, rules in VARIANTS.items() if re.search(args.only, name)}
+    if "peft_bnb" in variants.values() and (why := peer_available(device)):
+        print(f"skipping the PEFT + bitsandbytes variant: {why}")
+        variants = {name: rules for name, rules in variants.items() if rules != "peft_bnb"}
     runs, curves = [], {}
     # every variant of a seed sees the same data order and the same LoRA init
     for seed in range(args.first_seed, args.first_seed + args.seeds):
