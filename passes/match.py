@@ -343,6 +343,19 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]
     return _with_other_readers(gm, sites, weight_args)
 
 
+_METADATA_METHODS = ("size", "dim", "numel", "stride", "is_contiguous")
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda")
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """W.size(-1), W.shape, W.dtype...: a read of the weight's metadata, which a fold does not change."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _METADATA_ATTRIBUTES
+    return node.op == "call_function" and node.target in (aten.sym_size.int, aten.sym_numel.default)
+
+
 def _with_other_readers(gm: fx.GraphModule, sites: list[Site], weight_args: dict[str, fx.Node]) -> list[Site]:
     """Fill Site.other_readers: nodes that use a site's weight in any way other than as the weight of a site of the
     same kind. A get_attr of the weight feeding another op (torch.export's aten.embedding on a table that an output
@@ -366,7 +379,7 @@ def _with_other_readers(gm: fx.GraphModule, sites: list[Site], weight_args: dict
                     if u.name in plumbing and u.name not in seen:
                         seen.add(u.name)
                         frontier.append(u)
-                    elif u.name not in plumbing:
+                    elif u.name not in plumbing and not _reads_only_metadata(u):
                         readers[node.target].append(u.name)
         elif node.op == "call_module":
             for w in readers:

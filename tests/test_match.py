@@ -64,6 +64,33 @@ def test_a_matmul_on_a_transposed_weight_is_a_site_with_the_weight_as_it_is_stor
         torch.testing.assert_close(merged.head - model.head, lora.scaling * lora.lora_B @ lora.lora_A)
 
 
+class ShapeReads(nn.Module):
+    """Weights whose shape or dtype the forward reads (HF's Conv1D-style reshapes): not another use of their values."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6) / 3)  # (in, out), read by x @ w
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = (x @ self.w).view(-1, self.w.size(-1)).to(self.w.dtype)
+        return self.proj(h) / self.proj.weight.shape[0]
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_reads_of_a_weights_shape_or_dtype_are_not_other_readers(frontend):
+    """W.size(-1), W.shape, W.dtype do not read the values a fold changes: the weight is still adapted."""
+    torch.manual_seed(0)
+    model, args = ShapeReads(), (torch.randn(3, 8),)
+    plan = lora_fx.plan(model, example_inputs=args, frontend=frontend)
+    sites = {d.site.weight: d.site for d in plan.decisions}
+    assert not sites["w"].other_readers and plan.decisions[0].adapted
+    adapted = lora_fx.adapt(model, lora_fx.Rule(name="w", r=2), example_inputs=args, frontend=frontend)
+    randomize_lora(adapted)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_fx.fold(adapted)(*args), adapted(*args), atol=1e-5, rtol=1e-5)
+
+
 class SharedWeight(nn.Module):
     """One weight used at two call sites (as DeBERTa-v2 reuses its projections)."""
 
