@@ -214,8 +214,8 @@ def capture_call(adapted: nn.Module, arguments: dict[str, Any]) -> adapted_model
     calls = adapted.__dict__[adapted_model.CALLS]
     devices = sorted({p.device.index or 0 for p in adapted.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # tracing draws random numbers: the caller's stream stays as it was
-        core = adapted_model.core(adapted)
         with quantize.traceable(adapted, adapted.__dict__[STATE_KEY]):
+            core = adapted_model.core(adapted)  # made here: a copy of the model's own tensors, stand-ins included
             gm, spec = trace_call(core, arguments, calls.frontend, calls.trace_options)
         entry = _finish_graph(adapted, gm, spec, find_sites(gm, core))
     entry.arguments, entry.training = arguments, adapted.training

@@ -121,31 +121,31 @@ def _dense_fn(device: torch.device):
     return _DENSE_ON_GPU
 
 
+# rows, cols: the weight's stored shape; transposed: it is stored (in, out) (GPT-2's Conv1D, x @ W), else (out, in)
 @torch.library.custom_op("lora_fx::nf4_linear", mutates_args=())
 def _nf4_linear(x: torch.Tensor, codes: torch.Tensor, scalers: torch.Tensor, factors: torch.Tensor,
-                mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, out_features: int,
-                in_features: int) -> torch.Tensor:
-    w = _dense_fn(x.device)(codes, scalers, factors, mean, codebook, block, scaler_block, (out_features, in_features))
-    return torch.nn.functional.linear(x, w.to(x.dtype))
+                mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, rows: int, cols: int,
+                transposed: bool) -> torch.Tensor:
+    w = _dense_fn(x.device)(codes, scalers, factors, mean, codebook, block, scaler_block, (rows, cols)).to(x.dtype)
+    return x @ w if transposed else torch.nn.functional.linear(x, w)
 
 
 @_nf4_linear.register_fake
-def _(x, codes, scalers, factors, mean, codebook, block, scaler_block, out_features, in_features):
-    return x.new_empty(*x.shape[:-1], out_features)
+def _(x, codes, scalers, factors, mean, codebook, block, scaler_block, rows, cols, transposed):
+    return x.new_empty(*x.shape[:-1], cols if transposed else rows)
 
 
 @torch.library.custom_op("lora_fx::nf4_linear_input_grad", mutates_args=())
 def _nf4_input_grad(grad: torch.Tensor, codes: torch.Tensor, scalers: torch.Tensor, factors: torch.Tensor,
-                    mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, out_features: int,
-                    in_features: int) -> torch.Tensor:
-    w = _dense_fn(grad.device)(codes, scalers, factors, mean, codebook, block, scaler_block,
-                               (out_features, in_features))
-    return grad @ w.to(grad.dtype)
+                    mean: torch.Tensor, codebook: torch.Tensor, block: int, scaler_block: int, rows: int, cols: int,
+                    transposed: bool) -> torch.Tensor:
+    w = _dense_fn(grad.device)(codes, scalers, factors, mean, codebook, block, scaler_block, (rows, cols))
+    return torch.nn.functional.linear(grad, w.to(grad.dtype)) if transposed else grad @ w.to(grad.dtype)
 
 
 @_nf4_input_grad.register_fake
-def _(grad, codes, scalers, factors, mean, codebook, block, scaler_block, out_features, in_features):
-    return grad.new_empty(*grad.shape[:-1], in_features)
+def _(grad, codes, scalers, factors, mean, codebook, block, scaler_block, rows, cols, transposed):
+    return grad.new_empty(*grad.shape[:-1], rows if transposed else cols)
 
 
 def _setup(ctx, inputs, output):
@@ -154,17 +154,18 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    return (_nf4_input_grad(grad, *ctx.saved_tensors, *ctx.sizes),) + (None,) * 9
+    return (_nf4_input_grad(grad, *ctx.saved_tensors, *ctx.sizes),) + (None,) * 10
 
 
 _nf4_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x·dequant(W)ᵀ + b for an NF4 weight W (frozen: the gradient flows to x only)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool = False) -> torch.Tensor:
+    """x·dequant(W)ᵀ + b for an NF4 weight W stored (out, in); x·dequant(W) + b with transposed=True, for one
+    stored (in, out). Frozen: the gradient flows to x only."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     codes, scalers, factors, mean, codebook, block, scaler_block, shape = _parts(weight)
-    out = _nf4_linear(x.to(dtype), codes, scalers, factors, mean, codebook, block, scaler_block, *shape)
+    out = _nf4_linear(x.to(dtype), codes, scalers, factors, mean, codebook, block, scaler_block, *shape, transposed)
     return out + bias.to(out.dtype) if bias is not None else out
 
 

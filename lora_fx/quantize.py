@@ -39,6 +39,7 @@ from lora_fx.passes import quantize_base as quantize_pass
 from lora_fx.passes.inject import adapter_key
 from lora_fx.passes.split_layers import LayerView
 from lora_fx.plan import tied_weights
+from lora_fx.site import IN_OUT
 from lora_fx.state import LoraState, adapted_state
 
 log = logging.getLogger("lora_fx")
@@ -50,18 +51,30 @@ LORA_INITS = ("keep", "loftq")
 
 
 class Nf4Matmul(nn.Module):
-    """The quantized matmul of one NF4 weight; the weight itself stays in its module (the graph passes it)."""
+    """The quantized matmul of one NF4 weight; the weight itself stays in its module (the graph passes it).
+    Called as the graph's call was (lora_fx.passes.quantize_base.call_form): (x, W, b), or for a weight stored
+    (in, out) (b, x, W, form="addmm") / (x, W, form="matmul")."""
 
-    def forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return nf4.linear(input, weight, bias)
+    def forward(self, *args: torch.Tensor | None, form: str = "linear") -> torch.Tensor:
+        x, weight, bias = quantize_pass.operands(args, form)
+        return nf4.linear(x, weight, bias, transposed=form != "linear")
 
 
 class Fp8Matmul(fp8.Fp8Weight):
-    """The FP8 forms of one weight and their matmul (the bf16 weight the graph passes is not read)."""
+    """The FP8 forms of one weight and their matmul (the bf16 weight the graph passes is not read). A weight stored
+    (in, out) gets the FP8 forms of its transpose; dequantize gives it back in its own layout."""
 
-    def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(input, bias)
+    def __init__(self, weight: torch.Tensor, stored_in_out: bool = False):
+        super().__init__(weight.t().contiguous() if stored_in_out else weight)
+        self.stored_in_out = stored_in_out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = super().dequantize(dtype)
+        return w.t() if self.stored_in_out else w
+
+    def forward(self, *args: torch.Tensor | None, form: str = "linear") -> torch.Tensor:
+        x, _, bias = quantize_pass.operands(args, form)
+        return super().forward(x, bias)
 
 
 @dataclass
@@ -167,7 +180,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     if state.merged:
         raise InputError(f"adapter {state.merged[-1]!r} is merged into the base weights", where="quantize_base",
                          fix="unmerge_adapter first: the LoRA must train against the quantized weights")
-    names, skipped = _choose(owner, state, which, kind)
+    names, skipped, in_out = _choose(owner, state, which, kind)
     if not isinstance(which, str):
         refused = {w: skipped.get(w, "no linear call of the model reads it") for w in which if w not in names}
         if refused:
@@ -175,8 +188,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
                              where="quantize_base", fix="list only weights that linear calls read, frozen and untied")
     if not names:
         raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
-                         fix="quantize_base takes weights read by linear calls (nn.Linear, F.linear) of an (out, in) "
-                             "weight; GPT-2's Conv1D and x @ W keep (in, out) weights and stay in their dtype")
+                         fix="quantize_base takes weights read by whole-weight linear calls (nn.Linear, F.linear, "
+                             "x @ W.T, GPT-2's Conv1D, x @ W); lora_fx.plan lists how each weight is read")
     adapted_weights = _lora_weights(owner, state)
     if lora_compute == "auto":
         lora_compute = "base" if kind == "fp8" else "adapter"
@@ -192,7 +205,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
             container[key] = Nf4Matmul()
             after += nf4.nbytes(new_weights[name])
         else:
-            container[key] = Fp8Matmul(w)
+            container[key] = Fp8Matmul(w, stored_in_out=name in in_out)
             after += w.numel() * w.element_size() + sum(b.numel() * b.element_size() for b in container[key].buffers())
         copy_original = keep_original and kind == "nf4" and lora_init == "keep"  # LoftQ: no original fold
         original = w.detach().to("cpu", copy=True) if copy_original else None
@@ -222,8 +235,9 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
 
 
 def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
-            kind: str) -> tuple[list[str], dict[str, str]]:
-    """The weights to quantize, and why each other candidate is left as is."""
+            kind: str) -> tuple[list[str], dict[str, str], set[str]]:
+    """The weights to quantize, why each other candidate is left as is, and which chosen ones are stored (in, out)
+    (GPT-2's Conv1D, x @ W: their quantized matmul multiplies by the weight, not its transpose)."""
     adapted_weights = _lora_weights(owner, state)
     tied = tied_weights(adapted_model.user_model(owner))
     full = state.modules_to_save
@@ -238,6 +252,8 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
                 not isinstance(which, str) and weight not in which):
             continue
         reasons = list(dict.fromkeys(r for r in map(quantize_pass.why_not_rewritable, sites) if r))
+        if len({s.weight_layout for s in sites}) > 1:
+            reasons.append("read both as (out, in) and as (in, out)")
         w = owner.get_parameter(weight)
         if weight in tied:
             reasons.append(f"tied to {tied[weight]}")
@@ -259,7 +275,8 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
             skipped[weight] = "; ".join(reasons)
         else:
             chosen.append(weight)
-    return chosen, skipped
+    in_out = {w for w in chosen if sites_of[w][0].weight_layout == IN_OUT}
+    return chosen, skipped, in_out
 
 
 def _loftq_starts(owner: nn.Module, state: LoraState, new_weights: dict[str, nn.Parameter],
@@ -299,6 +316,8 @@ def _loftq_starts(owner: nn.Module, state: LoraState, new_weights: dict[str, nn.
             else:
                 dequantized = container[records[name].key].dequantize(torch.float32)
             error = w.detach().float() - dequantized
+            if lora.weight_layout == IN_OUT:  # the LoRA's B·A is (out, in)
+                error = error.t()
             if lora.row_index is not None:
                 error = error.index_select(0, lora.row_index.to(error.device))
             A, B = loftq.low_rank_factors(error, lora.r, lora.scaling)

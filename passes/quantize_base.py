@@ -4,9 +4,13 @@
     (or call_module nn.Linear(x),     becomes     b = get_attr b
      or x @ W0.T: Falcon's layers)                y = lora_fx_base.<key>(x, w, b)   # NF4 dequant-matmul, or FP8
 
+    y = addmm(b, x, W0)  (GPT-2's Conv1D)  becomes  y = lora_fx_base.<key>(b, x, W0, form="addmm")
+    y = x @ W0                             becomes  y = lora_fx_base.<key>(x, W0, form="matmul")
+    (W0 stored (in, out): the call keeps its arguments where they were, so Site.input_arg still finds x)
+
 The rewritten node keeps its name, and its original call is kept in node.meta, so LoRA branches placed beside it
 (inject) stay where they were and `restore` gives back the graph as traced (fold checks that node for node).
-Only whole-weight linear calls of an (out, in) weight can be rewritten; lora_fx.quantize picks weights whose every
+Only whole-weight linear calls (of an (out, in) weight, or the (in, out) forms above) can be rewritten; lora_fx.quantize picks weights whose every
 site is one, and a graph captured later that reads a quantized weight any other way is refused here. For x @ W0.T
 the transpose node is kept too, as a call that reads nothing (`unread`), and restored with the matmul.
 """
@@ -19,21 +23,49 @@ from torch import fx, nn
 from lora_fx.errors import InputError
 from lora_fx.passes.infra import PassResult, keep_call, restore_calls
 from lora_fx.passes.match import _positional
-from lora_fx.site import OUT_IN, Site
+from lora_fx.site import IN_OUT, OUT_IN, Site
 
 CONTAINER = "lora_fx_base"  # the ModuleDict of the quantized matmuls, child of the adapted model and its graphs
 TAG, ATTR = "lora_fx_base", "lora_fx_base_attr"  # node.meta keys: the original call; get_attr nodes this pass added
 
 
 def why_not_rewritable(site: Site) -> str | None:
-    """None when the site is a whole-weight linear call of an (out, in) weight; else why it cannot be rewritten."""
-    if site.op not in ("linear_module", "functional_linear") and not _is_transposed_matmul(site):
-        return f"read by a {site.op} call (only linear calls and x @ W.T run on quantized weights)"
-    if site.weight_layout != OUT_IN or site.weight_rows is not None:
-        return "read in another layout or by row slices"
+    """None when the site is a whole-weight linear call the quantized matmuls can run; else why not."""
+    if call_form(site) is None:
+        if site.op not in ("linear_module", "functional_linear", "matmul", "conv1d"):
+            return f"read by a {site.op} call (only linear calls, x @ W.T and x @ W run on quantized weights)"
+        return "read in another layout, by row slices or with x passed by keyword"
     if site.other_readers:
         return f"also read by {list(site.other_readers)[:3]}"
     return None
+
+
+def call_form(site: Site) -> str | None:
+    """How the quantized matmul is called in place of the site's call (None: it cannot be):
+    "linear" (x, W, b) for linear calls and x @ W.T of an (out, in) weight; "addmm" (b, x, W) and "matmul" (x, W)
+    for calls of a weight stored (in, out)."""
+    if site.weight_rows is not None:
+        return None
+    if site.weight_layout == OUT_IN:
+        return "linear" if site.op in ("linear_module", "functional_linear") or _is_transposed_matmul(site) else None
+    if site.weight_layout == IN_OUT and site.op in ("matmul", "conv1d"):
+        if site.input_arg == 1 and site.has_bias:
+            return "addmm"
+        if site.input_arg == 0 and not site.has_bias:
+            return "matmul"
+    return None
+
+
+def operands(args: tuple, form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, weight, bias) of a rewritten call's arguments, by its form (call_form)."""
+    if form == "addmm":
+        bias, x, weight = args
+        return x, weight, bias
+    if form == "matmul":
+        x, weight = args
+        return x, weight, None
+    x, weight, *rest = args
+    return x, weight, rest[0] if rest else None
 
 
 def _is_transposed_matmul(site: Site) -> bool:
@@ -86,6 +118,15 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], keys: dict[str, str], contain
         if TAG in node.meta:
             continue
         keep_call(node, TAG)
+        form = call_form(site)
+        if form != "linear":  # a weight stored (in, out): the arguments stay where they were
+            args, names = _positional(node, "matmul")
+            count = 3 if form == "addmm" else 2
+            node.op, node.target = "call_module", f"{CONTAINER}.{keys[site.weight]}"
+            node.args = tuple(args[:count])
+            node.kwargs = {**{k: v for k, v in node.kwargs.items() if k not in names}, "form": form}
+            changes.append(f"{site.node}: {site.weight} -> {node.target} ({form})")
+            continue
         x, weight, bias = _call_parts(gm, node, site)
         node.op, node.target = "call_module", f"{CONTAINER}.{keys[site.weight]}"
         if isinstance(site.input_arg, str):  # x came by keyword: keep it so (inject finds x by Site.input_arg)

@@ -9,6 +9,7 @@ scales in fp32), and the CUDA test checks torch._scaled_mm against it.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -513,29 +514,181 @@ def test_fp8_kernel_matches_its_reference_on_the_gpu():
     assert rel(kernel.float(), reference.float()) < 1e-2  # bf16 output rounding
 
 
-class LinearAndMatmul(nn.Module):
+class LinearAndSharedMatmul(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(64, 32)
-        self.w = nn.Parameter(torch.randn(32, 16) * 0.1)  # read as x @ w: (in, out), not a linear call
+        self.w = nn.Parameter(torch.randn(32, 16) * 0.1)  # read by a matmul and by a sum: not only a linear call
 
     def forward(self, x):
-        return self.proj(x) @ self.w
+        return self.proj(x) @ self.w + self.w.sum()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_weights_read_other_than_by_a_linear_call_stay_as_they_are_with_the_reason(kind):
     torch.manual_seed(0)
-    model = LinearAndMatmul()
-    adapted = lora_fx.adapt(model, Rule(r=4), example_inputs=(x_of(0),))
+    model = LinearAndSharedMatmul()
+    adapted = lora_fx.adapt(model, Rule(name="proj", r=4), example_inputs=(x_of(0),))
     w = model.w
-    report = lora_fx.quantize_base(adapted, kind)
+    report = lora_fx.quantize_base(adapted, kind, which="all")
     assert report.quantized == ["proj.weight"]
-    assert "matmul" in report.skipped["w"]
+    assert "also read by" in report.skipped["w"]
     assert model.w is w  # untouched
     assert "w" in str(report)
     x = x_of(1)
     torch.testing.assert_close(lora_fx.fold(adapted)(x), adapted.eval()(x), atol=5e-2, rtol=0)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D (transformers.pytorch_utils.Conv1D): addmm(bias, x, W) with W stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.05)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.05)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.weight.size(-1),))
+
+
+class InOutWeights(nn.Module):
+    """Weights stored (in, out): a Conv1D, and a bare x @ W."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = Conv1D(128, 64)
+        self.w = nn.Parameter(torch.randn(128, 64) * 0.05)
+
+    def forward(self, x):
+        return torch.relu(self.up(x)) @ self.w
+
+
+class InOutLinears(nn.Module):
+    """InOutWeights written with nn.Linear: the same function, its weights stored (out, in)."""
+
+    def __init__(self, twin: InOutWeights):
+        super().__init__()
+        self.up, self.w = nn.Linear(64, 128), nn.Linear(128, 64, bias=False)
+        with torch.no_grad():
+            self.up.weight.copy_(twin.up.weight.T)
+            self.up.bias.copy_(twin.up.bias)
+            self.w.weight.copy_(twin.w.T)
+
+    def forward(self, x):
+        return self.w(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_weights_stored_in_out_run_quantized_and_fold_to_the_traced_graph(kind, frontend):
+    """GPT-2's Conv1D and x @ W keep their weight (in, out): the quantized matmul multiplies by it untransposed (its
+    input gradient by its transpose), training works, and both folds give back the traced graph in that layout."""
+    torch.manual_seed(0)
+    model = InOutWeights()
+    x = x_of(3)
+    before = model(x).detach()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = lora_fx.adapt(model, Rule(r=4), example_inputs=(x_of(0),), frontend=frontend)
+    report = lora_fx.quantize_base(adapted, kind)
+    assert sorted(report.quantized) == ["up.weight", "w"] and not report.skipped
+    assert lora_fx.graph(adapted).code.count("lora_fx_base") == 2
+    assert tuple(model.up.weight.shape) == (64, 128)  # the weight keeps its shape (NF4: its NF4 form)
+    assert 0.001 < rel(adapted(x), before) < 0.2  # the quantization error is there, and bounded
+
+    # NF4: the quantized model is the model with the dequantized weights; FP8 (which also scales activations and
+    # gradients per row) is the same model written with nn.Linear on the transposed weights, quantized the same way
+    reference = InOutLinears(model) if kind == "fp8" else copy.deepcopy(InOutWeights())
+    if kind == "fp8":
+        lora_fx.quantize_base(reference := lora_fx.adapt(reference, Rule(r=4), example_inputs=(x_of(0),)), kind)
+    else:
+        with torch.no_grad():
+            state = adapted.__dict__[lora_fx.state.STATE_KEY]
+            for name in ("up.weight", "w"):
+                reference.get_parameter(name).copy_(lora_fx.quantize.base_weight(adapted, state, name, "dequantized"))
+            reference.up.bias.copy_(original["up.bias"])
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(adapted(xg), reference(xr), atol=1e-5, rtol=1e-5)
+    adapted(xg).pow(2).sum().backward()
+    reference(xr).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    tolerance = 1e-5 if kind == "nf4" else 0.05  # FP8 also quantizes the activations
+
+    losses = train(adapted)
+    assert losses[-1] < 0.8 * losses[0]
+    adapted.eval()
+    merged = lora_fx.fold(adapted, base="dequantized")
+    assert type(merged) is InOutWeights and tuple(merged.up.weight.shape) == (64, 128)
+    assert rel(merged(x), adapted(x)) < tolerance
+    merged_original = lora_fx.fold(adapted, base="original")
+    lora = lora_fx.lora_state_dict(adapted)
+    key = next(k for k in lora if k.endswith("up.lora_A"))
+    delta = (lora[key.replace("lora_A", "lora_B")].double() @ lora[key].double()) * (4 / 4)  # alpha/r with the
+    #                                                                                          defaults of Rule(r=4)
+    scaling = adapted.lora_fx["up"].scaling
+    torch.testing.assert_close(merged_original.up.weight.double(),
+                               original["up.weight"].double() + scaling / (4 / 4) * delta.T, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@needs_torchao
+@pytest.mark.parametrize("kind, lora_init", [("nf4", "keep"), ("nf4", "loftq"), ("fp8", "keep")])
+def test_a_quantized_gpt2_trains_generates_redeploys_and_exports_like_its_base(kind, lora_init, tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): all of them run quantized, and the rest of the workflow (train,
+    generate, adapter file onto a fresh model, fold, ONNX) is that of any other model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64, bos_token_id=1,
+                                  eos_token_id=2, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    pristine = copy.deepcopy(model)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    lora_fx.export_onnx(model, tmp_path / "base.onnx", example_inputs=(ids,))
+    adapted = lora_fx.adapt(model, example_inputs=(ids,))  # the default rules: every Conv1D
+    report = lora_fx.quantize_base(adapted, kind, lora_init=lora_init)
+    assert len(report.quantized) == 8 and not report.skipped  # c_attn, c_proj, c_fc, mlp.c_proj in 2 layers
+    adapted.train()
+    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
+    for _ in range(3):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    adapted.eval()
+    tokens = adapted.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+
+    lora_fx.save_adapter(adapted, tmp_path / "adapter")
+    rebuilt = lora_fx.adapt_from_adapter(pristine, tmp_path / "adapter", example_inputs=(ids,))
+    torch.testing.assert_close(rebuilt(ids).logits, adapted(ids).logits, atol=0, rtol=0)
+
+    merged = lora_fx.fold(adapted)
+    if kind == "nf4":  # the dequantized fold is the trained function (FP8 also quantized the activations)
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(merged.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True,
+                                           pad_token_id=0), tokens)
+    assert all(p.shape == q.shape for p, q in zip(merged.parameters(), pristine.parameters()))
+    lora_fx.export_onnx(merged, tmp_path / "merged.onnx", example_inputs=(ids,))
+    assert lora_fx.verify_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx").identical
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loftq_on_weights_stored_in_out_takes_the_error_in_the_loras_layout(kind):
+    """The LoRA's B·A is (out, in); a Conv1D's error is (in, out): LoftQ factors its transpose."""
+    torch.manual_seed(0)
+    model = InOutWeights()
+    adapted = lora_fx.adapt(model, Rule(r=4), example_inputs=(x_of(0),))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = lora_fx.quantize_base(adapted, kind, lora_init="loftq")
+    state = adapted.__dict__[lora_fx.state.STATE_KEY]
+    for name in ("up.weight", "w"):
+        error = (original[name] - lora_fx.quantize.base_weight(adapted, state, name, "dequantized")).double().T
+        tail = torch.linalg.svdvals(error)[4:].pow(2).sum() / error.pow(2).sum()
+        assert report.error_removed[name] == pytest.approx(1 - float(tail), rel=1e-4)
+    # the merged model starts at the original weights plus what rank 4 cannot hold
+    merged = lora_fx.fold(adapted)
+    for name in ("up.weight", "w"):
+        assert rel(merged.get_parameter(name), original[name]) < rel(
+            lora_fx.quantize.base_weight(adapted, state, name, "dequantized"), original[name])
 
 
 class TransposedLinears(nn.Module):
