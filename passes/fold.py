@@ -179,7 +179,27 @@ def fold_model(adapted: nn.Module, model: nn.Module, *, inplace: bool = False, a
         for container in state.containers(adapted).values():
             for lora in container.values():
                 lora.enabled = False
+    _take_modes(target, adapted, inplace)
     return target
+
+
+def _take_modes(target: nn.Module, adapted: nn.Module, inplace: bool) -> None:
+    """Give the folded model the train/eval mode of each of the adapted model's modules: the user switches the
+    adapted model (adapted.eval() before evaluating), whose modules are not the user's model's own, so the model
+    fold starts from may still be in the mode it had at adapt. Unless inplace, a module whose mode changes is cloned
+    first (with the modules on its path), so the user's model keeps its own."""
+    modes = {name: module.training for name, module in adapted.named_modules()}
+    changed = [name for name, module in target.named_modules() if modes.get(name, module.training) != module.training]
+    cloned = {id(target)}  # fold_model's own clone of the user's root (or, inplace, the user's model itself)
+    for name in changed:
+        module = target
+        for part in name.split(".") if name else []:
+            child = module._modules[part]
+            if not inplace and id(child) not in cloned:
+                child = module._modules[part] = shallow_clone(child)
+                cloned.add(id(child))
+            module = child
+        module.training = modes[name]
 
 
 def fold(gm: fx.GraphModule, *, inplace: bool = False, adapters: list[str] | None = None,

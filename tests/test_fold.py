@@ -158,3 +158,36 @@ def test_merge_of_square_in_out_weights():
         expected = adapted(x)
         lora_fx.merge_adapter(adapted)
         assert (adapted(x) - expected).abs().max().item() <= 1e-5
+
+
+class WithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_folded_model_is_in_the_adapted_models_modes(inplace):
+    """adapted.eval() switches the adapted model's modules, which are not the user's model's own: the folded model
+    takes the adapted model's modes (dropout off here), and unless inplace the user's model keeps its own."""
+    torch.manual_seed(0)
+    model = WithDropout()  # in training mode, as a fresh model is
+    x = torch.randn(8, 16)
+    adapted = lora_fx.adapt(model, Rule(name=r"block\..*", r=4), example_inputs=(x,))
+    randomize_lora(adapted)
+    adapted.eval()
+    expected = adapted(x)
+    modes_before = [m.training for m in model.modules()]
+    merged = lora_fx.fold(adapted, inplace=inplace)
+    assert not any(m.training for m in merged.modules())
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+    if inplace:  # the user's model is the folded model
+        assert merged is model
+    else:
+        assert [m.training for m in model.modules()] == modes_before and any(modes_before)
+    adapted.train()
+    assert all(m.training for m in lora_fx.fold(adapted).modules())
