@@ -17,7 +17,8 @@ The graph is lora_fx's mechanism, not the user's burden (torch.compile's Optimiz
     each LoRA added by a forward hook on the module that owns its weight (module sites only; others are an error).
   * .to()/.cuda()/.half()/.bfloat16() drop the graphs when a tensor's device or dtype changed (torch.export bakes
     them in): the next call captures again on the new device and dtype.
-  * train()/eval() switch the model's own dropout as in the user's model (the children are shared, as with PEFT);
+  * train()/eval() switch the model's own dropout (the children are shared, as with PEFT, but for the adapted
+    model's own clones of modules owning an adapted weight: lora_fx.fold takes the adapted model's modes);
     BatchNorm statistics stay frozen (the base is frozen): norms run in eval mode inside every call.
   * gradient_checkpointing_enable() (what transformers' Trainer calls) runs every graph through
     lora_fx.checkpoint_layers; save_pretrained writes the adapter (lora_fx.save_adapter): after lora_fx.fold the

@@ -459,7 +459,10 @@ def split_layers(adapted: nn.Module, *, checkpoint_every: int = 0, layers: str |
     layers: the module list to split at (default: the one with the most items, e.g. "model.layers"). The view
     computes the same values with the same parameters and module objects; train it, then fold, save and export
     `adapted` itself. Make it after add_adapter calls: it splits the graph as it is then (set_adapter and
-    merge_adapter reach it). It views the first graph the adapted model captured (lora_fx.graph)."""
+    merge_adapter reach it). It splits the adapted model's latest graph in its current mode (lora_fx.graph); a call
+    of another kind (other arguments, e.g. labels, or the other train/eval mode) runs through the same split of the
+    adapted model's graph for that call (captured when first seen; view.train()/eval() captures ahead, outside
+    torch.compile). Once its layers are sharded with fully_shard, calls of other kinds are refused."""
     owner, _ = adapted_state(adapted, what="split the layers of")
     if isinstance(owner, fx.GraphModule):
         return split_pass(owner, checkpoint_every, layers).graph_module
@@ -468,7 +471,60 @@ def split_layers(adapted: nn.Module, *, checkpoint_every: int = 0, layers: str |
     view.__dict__["adapted"] = owner  # fold, save and export take the adapted model, which the view computes
     if entry.spec is not None:  # a torch.export graph takes the call's leaves: the view takes the call itself
         view.__dict__["call"] = (entry.spec, owner.__dict__[adapted_model.CALLS].signature)
+    view.__dict__["route"] = _OtherCalls(owner, entry, checkpoint_every, layers)
     return view
+
+
+class _OtherCalls:
+    """The view's router: a call of another kind than the graph the view splits (labels given, the other train/eval
+    mode: a graph bakes its arguments and its dropout in) runs through the same split of the adapted model's graph
+    for that call, captured if need be; None for the view's own kind. A view whose parts FSDP2 sharded cannot:
+    a new split's parts would read the sharded weights without their hooks."""
+
+    def __init__(self, owner: nn.Module, entry: adapted_model.Entry, every: int, layers: str | None):
+        self.owner, self.entry, self.every, self.layers = owner, entry, every, layers
+        self.calls = owner.__dict__[adapted_model.CALLS]
+        key = call_key(entry.arguments or {}, entry.training) or (("training", entry.training),)
+        self.own = self.calls._slot(key)
+        self.splits: dict[fx.GraphModule, LayerView] = {}
+
+    def __call__(self, view: LayerView, args: tuple, kwargs: dict):
+        arguments = self.calls.bind(args, kwargs)
+        key = call_key(arguments, self.owner.training)
+        if key is None or self.calls._slot(key) == self.own:
+            return None
+        if any(_is_fsdp(part) for parts in view.layer_modules.values() for part in parts):
+            raise InputError(f"this layer view was made for calls like {sorted(self.entry.arguments or {})} in "
+                             f"{_mode(self.entry.training)} mode, and its layers are sharded (FSDP2); this call is "
+                             f"another kind ({sorted(arguments)}, {_mode(self.owner.training)} mode)", where="LayerView",
+                             fix="make the view after a call of this kind (adapted(**batch) once, then "
+                                 "split_layers / checkpoint_layers), and call it only with such calls")
+        other, split = self._split(args, kwargs)
+        if other.spec is None:
+            return lambda: split(**arguments)
+        return lambda: other.spec.rebuild_output(split(*other.spec.leaves(arguments)), arguments)
+
+    def prepare(self) -> None:
+        """view.train() / view.eval(): capture and split the view's own call in the new mode now, outside any
+        torch.compile (a capture inside one breaks its graph)."""
+        if self.entry.arguments and self.calls._slot(call_key(self.entry.arguments, self.owner.training)) != self.own:
+            self._split((), self.entry.arguments)
+
+    def _split(self, args: tuple, kwargs: dict) -> tuple[adapted_model.Entry, LayerView]:
+        other = _entry(self.owner, args, kwargs)
+        split = self.splits.get(other.graph)
+        if split is None:
+            split = self.splits[other.graph] = split_pass(other.graph, self.every, self.layers).graph_module
+        return other, split
+
+
+def _mode(training: bool) -> str:
+    return "training" if training else "eval"
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2's fully_shard wrapped this module (it swaps the module's class for an FSDPModule subclass)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def checkpoint_layers(adapted: nn.Module, *, every: int = 1, layers: str | None = None) -> LayerView:

@@ -172,7 +172,8 @@ class LayerView(nn.Module):
     .adapted is the model it views (not a child: its tensors are reachable through the parts already).
     .layer_modules: layer name -> the part(s) computing it (shard these with fully_shard for per-layer FSDP2).
     .checkpointed: the layers that run under activation checkpointing.
-    .train()/.eval() go to the adapted model, which switches only its LoRA branches."""
+    .train()/.eval() go to the adapted model. A view made by lora_fx.split_layers runs calls of another kind
+    (other arguments, e.g. labels; the other mode) through a view of the adapted model's graph for that call."""
 
     def __init__(self, adapted: fx.GraphModule, top: fx.GraphModule, layer_modules: dict[str, list[nn.Module]],
                  checkpointed: list[str]):
@@ -184,6 +185,10 @@ class LayerView(nn.Module):
         self.training = adapted.training
 
     def forward(self, *args, **kwargs):
+        route = self.__dict__.get("route")  # lora_fx.api: a call of another kind goes to a view of its own graph
+        other = route(self, args, kwargs) if route is not None else None
+        if other is not None:
+            return other()
         call = self.__dict__.get("call")  # (spec, signature) of an adapted model's torch.export graph
         with frozen_norms(self.top):  # the base's BatchNorm statistics stay as they are (lora_fx.adapted)
             if call is None:
@@ -195,6 +200,9 @@ class LayerView(nn.Module):
     def train(self, mode: bool = True) -> "LayerView":
         self.adapted.train(mode)
         self.training = mode
+        route = self.__dict__.get("route")
+        if route is not None:
+            route.prepare()
         return self
 
 

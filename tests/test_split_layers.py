@@ -262,6 +262,46 @@ def test_each_layer_part_reads_its_own_weights_through_the_adapted_models_module
         _close(Z.first_output(view(ids)), Z.first_output(adapted(ids)))
 
 
+class _DropoutBlocks(nn.Module):
+    """Dropout in the model itself (a graph bakes its train/eval mode in) and an optional target: a call with it
+    returns the loss, a call without it the output (another call kind, another graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, target=None):
+        for block in self.blocks:
+            x = x + block(x)
+        out = self.head(x)
+        return out if target is None else F.mse_loss(out, target)
+
+
+def test_view_runs_calls_of_other_kinds_than_its_graph_through_their_own_split():
+    """The view splits one captured call (here x alone, in training mode); a call with a target, or in eval mode,
+    is another graph: the view runs the adapted model's graph for it, split the same way, so the loss is there and
+    dropout follows the mode (it used to drop the target and keep dropout on)."""
+    torch.manual_seed(0)
+    x, target = torch.randn(4, 8), torch.randn(4, 2)
+    adapted = lora_fx.adapt(_DropoutBlocks(), lora_fx.Rule(r=2, alpha=4), example_inputs=(x,))  # torch.export
+    randomize_lora(adapted)
+    adapted.train()
+    view = lora_fx.checkpoint_layers(adapted)
+    torch.manual_seed(1)
+    loss_v = view(x, target=target)
+    torch.manual_seed(1)
+    loss = adapted(x, target=target)
+    assert loss_v.dim() == 0
+    _close(loss_v, loss)
+    loss_v.backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in lora_fx.lora_parameters(adapted))
+    view.eval()
+    with torch.no_grad():
+        _close(view(x), adapted(x))  # no dropout in eval mode
+        _close(view(x, target=target), adapted(x, target=target))
+
+
 class _Blocks(nn.Module):
     def __init__(self):
         super().__init__()
@@ -302,6 +342,13 @@ def _fsdp2_layers_worker(rank: int, world: int, init_file: str, out: str) -> Non
         units = sum(isinstance(m, FSDPModule) for m in view.modules())
         adapted_sharded = all(isinstance(p, DTensor) for p in adapted.parameters())
         error = sharded_and_reference_lora(view, adapted, reference, [_batch(r) for r in range(world)], rank, 4)
+        adapted.eval()  # another call kind than the one the sharded view splits: refused, not run unsharded
+        try:
+            view(_batch(rank)[0])
+            refused = False
+        except lora_fx.InputError as e:
+            refused = "sharded (FSDP2)" in str(e)
+        adapted.train()
         ref = lora_fx.lora_state_dict(reference)
         changed = any(v.abs().max().item() > 0 for k, v in ref.items() if "lora_B" in k)
         # docs/tutorials.md section 4: gather the adapted model's state (its own names) into a plain copy, fold it
@@ -317,6 +364,7 @@ def _fsdp2_layers_worker(rank: int, world: int, init_file: str, out: str) -> Non
             file_error = (fresh(x) - reference(x)).abs().max().item()
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"units": units, "adapted_sharded": adapted_sharded, "error": error, "changed": changed,
+                       "refused_other_call": refused,
                        "fold_error": fold_error, "file_error": file_error}, f)
 
 
@@ -327,5 +375,5 @@ def test_fsdp2_per_layer_on_two_processes_gloo(tmp_path):
     the saved adapter loads, to the same outputs. Tolerance 1e-5: the same fp32 math, reduced across ranks in another order."""
     _, results = spawn_fsdp2(_fsdp2_layers_worker, tmp_path)
     for r in results:
-        assert r["units"] == 4 and r["adapted_sharded"] and r["changed"], r
+        assert r["units"] == 4 and r["adapted_sharded"] and r["changed"] and r["refused_other_call"], r
         assert max(r["error"], r["fold_error"], r["file_error"]) <= 1e-5, r
