@@ -68,6 +68,20 @@ def train(adapted, steps: int = 8, dtype: torch.dtype = torch.float32) -> list[f
     return losses
 
 
+def train_lm(model, adapted, ids: torch.Tensor, steps: int = 3) -> list[float]:
+    """A few steps of a transformers LM on its own labels (the loss it returns), through `model` (the adapted model
+    or a view of it), training `adapted`'s LoRA."""
+    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -282,12 +296,7 @@ def test_a_quantized_llama_trains_generates_checkpoints_and_exports_like_its_bas
     view = lora_fx.checkpoint_layers(adapted)  # made after quantize_base: its layers read the quantized weights
     adapted.train()
     torch.testing.assert_close(view(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
-    for _ in range(3):
-        loss = adapted(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_lm(adapted, adapted, ids)
     adapted.eval()
     # generate's calls (a KV cache) are new call kinds: captured now, reading the quantized weights
     tokens = adapted.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
@@ -648,12 +657,8 @@ def test_a_quantized_gpt2_trains_generates_redeploys_and_exports_like_its_base(k
     report = lora_fx.quantize_base(adapted, kind, lora_init=lora_init)
     assert len(report.quantized) == 8 and not report.skipped  # c_attn, c_proj, c_fc, mlp.c_proj in 2 layers
     adapted.train()
-    opt = torch.optim.AdamW(lora_fx.trainable_parameters(adapted), lr=1e-2)
-    for _ in range(3):
-        loss = adapted(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_lm(lora_fx.checkpoint_layers(adapted), adapted, ids)  # labels through the view: its loss
+    assert losses[-1] < losses[0]
     adapted.eval()
     tokens = adapted.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
 
