@@ -496,7 +496,8 @@ class _OtherCalls:
         if any(_is_fsdp(part) for parts in view.layer_modules.values() for part in parts):
             raise InputError(f"this layer view was made for calls like {sorted(self.entry.arguments or {})} in "
                              f"{_mode(self.entry.training)} mode, and its layers are sharded (FSDP2); this call is "
-                             f"another kind ({sorted(arguments)}, {_mode(self.owner.training)} mode)", where="LayerView",
+                             f"another kind ({sorted(arguments)}, {_mode(self.owner.training)} mode)",
+                             where="LayerView",
                              fix="make the view after a call of this kind (adapted(**batch) once, then "
                                  "split_layers / checkpoint_layers), and call it only with such calls")
         other, split = self._split(args, kwargs)

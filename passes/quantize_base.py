@@ -10,8 +10,9 @@
 
 The rewritten node keeps its name, and its original call is kept in node.meta, so LoRA branches placed beside it
 (inject) stay where they were and `restore` gives back the graph as traced (fold checks that node for node).
-Only whole-weight linear calls (of an (out, in) weight, or the (in, out) forms above) can be rewritten; lora_fx.quantize picks weights whose every
-site is one, and a graph captured later that reads a quantized weight any other way is refused here. For x @ W0.T
+Only whole-weight linear calls (of an (out, in) weight, or the (in, out) forms above) can be rewritten;
+lora_fx.quantize picks weights whose every site is one, and a graph captured later that reads a quantized weight any
+other way is refused here. For x @ W0.T
 the transpose node is kept too, as a call that reads nothing (`unread`), and restored with the matmul.
 """
 
