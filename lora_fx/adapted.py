@@ -51,26 +51,32 @@ log = logging.getLogger("lora_fx.capture")
 @dataclass
 class Entry:
     """One captured call: the graph, how calls of its key become its inputs (None: symbolic-trace graphs take the
-    call as it is), and a checkpointing view of it when one is wanted."""
+    call as it is), and its layer views (lora_fx.split_layers) as they are wanted."""
 
     graph: fx.GraphModule
     spec: CallSpec | None
     training: bool = False  # the mode it was captured in (dropout is traced live in train mode)
     arguments: dict | None = None  # the call it was captured from, to capture it again in the other mode
-    view: nn.Module | None = None
-    view_every: int = 0
+    views: dict = field(default_factory=dict)  # (checkpoint every, layer list) -> the graph's layer view
 
     def __call__(self, calls: "Calls", arguments: dict[str, Any]) -> Any:
-        runner = self.graph
-        if calls.checkpoint_every:
-            if self.view is None or self.view_every != calls.checkpoint_every:
-                from lora_fx.passes.split_layers import split_layers
-                self.view = split_layers(self.graph, calls.checkpoint_every).graph_module
-                self.view_every = calls.checkpoint_every
-            runner = self.view
+        return self.run(arguments, calls.checkpoint_every)
+
+    def run(self, arguments: dict[str, Any], every: int = 0, layers: str | None = None,
+            split: bool = False) -> Any:
+        """The call on this graph; through its layer view when checkpointing (`every` > 0) or `split`."""
+        runner = self.layer_view(every, layers) if every or split else self.graph
         if self.spec is None:
             return runner(**arguments)
         return self.spec.rebuild_output(runner(*self.spec.leaves(arguments)), arguments)
+
+    def layer_view(self, every: int, layers: str | None = None) -> nn.Module:
+        """lora_fx.passes.split_layers of this graph (every `every`-th layer checkpointed), made once."""
+        view = self.views.get((every, layers))
+        if view is None:
+            from lora_fx.passes.split_layers import split_layers
+            view = self.views[every, layers] = split_layers(self.graph, every, layers).graph_module
+        return view
 
 
 @dataclass

@@ -478,15 +478,14 @@ def split_layers(adapted: nn.Module, *, checkpoint_every: int = 0, layers: str |
 class _OtherCalls:
     """The view's router: a call of another kind than the graph the view splits (labels given, the other train/eval
     mode: a graph bakes its arguments and its dropout in) runs through the same split of the adapted model's graph
-    for that call, captured if need be; None for the view's own kind. A view whose parts FSDP2 sharded cannot:
-    a new split's parts would read the sharded weights without their hooks."""
+    for that call (Entry.run), captured if need be; None for the view's own kind. A view whose parts FSDP2 sharded
+    cannot: a new split's parts would read the sharded weights without their hooks."""
 
     def __init__(self, owner: nn.Module, entry: adapted_model.Entry, every: int, layers: str | None):
         self.owner, self.entry, self.every, self.layers = owner, entry, every, layers
         self.calls = owner.__dict__[adapted_model.CALLS]
         key = call_key(entry.arguments or {}, entry.training) or (("training", entry.training),)
         self.own = self.calls._slot(key)
-        self.splits: dict[fx.GraphModule, LayerView] = {}
 
     def __call__(self, view: LayerView, args: tuple, kwargs: dict):
         arguments = self.calls.bind(args, kwargs)
@@ -500,23 +499,15 @@ class _OtherCalls:
                              where="LayerView",
                              fix="make the view after a call of this kind (adapted(**batch) once, then "
                                  "split_layers / checkpoint_layers), and call it only with such calls")
-        other, split = self._split(args, kwargs)
-        if other.spec is None:
-            return lambda: split(**arguments)
-        return lambda: other.spec.rebuild_output(split(*other.spec.leaves(arguments)), arguments)
+        other = _entry(self.owner, args, kwargs)
+        return lambda: other.run(arguments, self.every, self.layers, split=True)
 
     def prepare(self) -> None:
         """view.train() / view.eval(): capture and split the view's own call in the new mode now, outside any
         torch.compile (a capture inside one breaks its graph)."""
-        if self.entry.arguments and self.calls._slot(call_key(self.entry.arguments, self.owner.training)) != self.own:
-            self._split((), self.entry.arguments)
-
-    def _split(self, args: tuple, kwargs: dict) -> tuple[adapted_model.Entry, LayerView]:
-        other = _entry(self.owner, args, kwargs)
-        split = self.splits.get(other.graph)
-        if split is None:
-            split = self.splits[other.graph] = split_pass(other.graph, self.every, self.layers).graph_module
-        return other, split
+        arguments = self.entry.arguments
+        if arguments and self.calls._slot(call_key(arguments, self.owner.training)) != self.own:
+            _entry(self.owner, (), arguments).layer_view(self.every, self.layers)
 
 
 def _mode(training: bool) -> str:

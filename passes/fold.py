@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from lora_fx.errors import FoldError
 from lora_fx.passes.infra import PassResult, clone_graph_module, first_difference, graph_signature, \
-    set_parameter_copy_on_write, shallow_clone
+    module_copy_on_write, set_parameter_copy_on_write, shallow_clone
 from lora_fx.passes.causal_attention import restore_attention
 from lora_fx.passes.quantize_base import restore as restore_quantized_calls
 from lora_fx.state import ADD, BRANCH, container_name, find_state
@@ -190,15 +190,9 @@ def _take_modes(target: nn.Module, adapted: nn.Module, inplace: bool) -> None:
     first (with the modules on its path), so the user's model keeps its own."""
     modes = {name: module.training for name, module in adapted.named_modules()}
     changed = [name for name, module in target.named_modules() if modes.get(name, module.training) != module.training]
-    cloned = {id(target)}  # fold_model's own clone of the user's root (or, inplace, the user's model itself)
+    cloned: set[int] = set()
     for name in changed:
-        module = target
-        for part in name.split(".") if name else []:
-            child = module._modules[part]
-            if not inplace and id(child) not in cloned:
-                child = module._modules[part] = shallow_clone(child)
-                cloned.add(id(child))
-            module = child
+        module = target.get_submodule(name) if inplace else module_copy_on_write(target, name, cloned)
         module.training = modes[name]
 
 

@@ -121,13 +121,23 @@ def set_parameter_copy_on_write(root: torch.nn.Module, qualified_name: str, valu
     Every module on the path is replaced by a shallow clone (own dicts, same other tensors), so the module the
     user gave us, and any other module holding the old parameter, keeps it.
     """
-    *path, leaf = qualified_name.split(".")
-    parent = root
-    for name in path:
-        clone = shallow_clone(parent._modules[name])
-        parent._modules[name] = clone
-        parent = clone
-    parent._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    path, _, leaf = qualified_name.rpartition(".")
+    module_copy_on_write(root, path)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def module_copy_on_write(root: torch.nn.Module, path: str, cloned: set[int] | None = None) -> torch.nn.Module:
+    """The module at `path` under `root`, every module on the way there (root excluded) replaced by a shallow clone
+    first, so changing it changes no module others share. Modules whose id is in `cloned` are clones already;
+    the clones made are added to it."""
+    module = root
+    for name in path.split(".") if path else []:
+        child = module._modules[name]
+        if cloned is None or id(child) not in cloned:
+            child = module._modules[name] = shallow_clone(child)
+            if cloned is not None:
+                cloned.add(id(child))
+        module = child
+    return module
 
 
 @contextlib.contextmanager
