@@ -129,12 +129,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny aot_eager)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config KEY (dotted, e.g. coordinate_descent_tuning=True) for every "
+                        "compiled variant; repeatable")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 bf16 matmul calibration (default 8192)")
     p.add_argument("--copy-mib", type=int, default=None, help="MiB copied for the bandwidth calibration (default 2048)")
     p.add_argument("--fold-reps", type=int, default=3, help="folds timed per target (default %(default)s)")
     p.add_argument("--onnx", action="store_true", help="also time lora_fx.export_onnx of the folded model")
     p.add_argument("--memory-budget", type=float, default=0.5,
                    help="activation_memory_budget of the *_recompute variants (default %(default)s)")
+    p.add_argument("--profile-rows", type=int, default=20, help="rows of the --profile table (default 20)")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 extra steps per variant (torch.profiler); top ops go to the JSON and stdout")
     p.add_argument("--budget-s", type=float, default=480.0,
@@ -378,14 +382,14 @@ def run_training(a, name: str, model, params: list, device: torch.device, batche
         "trainable_params": trainable, "final_loss": final_loss,
     }
     if a.profile:
-        res["profile"] = profile_steps(step, device)
+        res["profile"] = profile_steps(step, device, rows=a.profile_rows)
         print(f"--- profile {name}\n{res['profile']}", flush=True)
     opt.zero_grad(set_to_none=True)
     del opt, loss_fn, last
     return res
 
 
-def profile_steps(step, device: torch.device, n: int = 2) -> str:
+def profile_steps(step, device: torch.device, n: int = 2, rows: int = 20) -> str:
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -395,7 +399,7 @@ def profile_steps(step, device: torch.device, n: int = 2) -> str:
     keys = ["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     for key in keys:
         with contextlib.suppress(Exception):
-            return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
+            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
     return prof.key_averages().table(row_limit=20)
 
 
@@ -685,11 +689,27 @@ def write_json(path: str | None, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def set_inductor_options(options: list[str]) -> None:
+    """--inductor KEY=VALUE: the same torch._inductor.config setting for every compiled variant (peer included)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+    for option in options:
+        key, _, value = option.partition("=")
+        *parents, leaf = key.split(".")
+        target = inductor_config
+        for name in parents:
+            target = getattr(target, name)
+        getattr(target, leaf)  # an unknown key fails here, before any variant runs
+        setattr(target, leaf, ast.literal_eval(value))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    set_inductor_options(a.inductor)
     cfg = llama_config(a)
     pinfo = count_params(cfg)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
