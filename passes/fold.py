@@ -134,9 +134,10 @@ def _folded_graph(gm: fx.GraphModule) -> tuple[fx.Graph, int, int]:
     """A copy of gm's graph without its LoRA nodes and with its masked attention back, checked equal node for node
     to the graph adapt traced: fold gives back the original graph or raises."""
     graph = copy.deepcopy(gm.graph)
-    removed = strip_lora_nodes(graph)
+    # kept calls name their inputs, which may be LoRA add nodes (b(a(x)) with a adapted): restore them first
     restore_quantized_calls(graph)  # quantized weights' linear calls back as traced
     restored = restore_attention(graph)  # SDPA calls adapt switched to is_causal get their mask back
+    removed = strip_lora_nodes(graph)
     difference = first_difference(find_state(gm).original_graph, graph_signature(graph))
     if difference is not None:  # a bug in lora_fx, never the user's: say so loudly
         raise FoldError(f"the folded graph differs from the traced original: {difference}",

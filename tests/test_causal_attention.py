@@ -141,3 +141,30 @@ def test_compiles_fullgraph():
     nn.init.normal_(adapted.lora_fx["qkv"].lora_B, std=0.1)
     compiled = torch.compile(adapted, backend="aot_eager", fullgraph=True)
     _close(compiled(x), adapted(x))
+
+
+class DirectAttention(nn.Module):
+    """Attention that reads the projections' outputs as they are (3-D SDPA) under an explicit causal mask."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        i = torch.arange(x.shape[-2], device=x.device)
+        return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), attn_mask=i[:, None] >= i[None, :])
+
+
+def test_fold_restores_attention_that_reads_lora_outputs_directly():
+    """The kept SDPA call names its inputs, here the LoRA add nodes themselves: fold put it back after removing
+    them and failed with KeyError: 'add'."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    adapted = lora_fx.adapt(DirectAttention().eval(), example_inputs=(x,), frontend="export")
+    assert _calls(adapted) == (1, 0)
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    with torch.no_grad():
+        merged = lora_fx.fold(adapted)
+        _close(merged(x), adapted(x))
+        assert _calls(lora_fx.fold(lora_fx.graph(adapted, x))) == (0, 1)
