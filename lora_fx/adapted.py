@@ -93,6 +93,7 @@ class Calls:
     evictions: int = 0
     fallbacks: int = 0
     checkpoint_every: int = 0
+    base_changes: int = 0  # times the base under the graphs changed (quantize_base): older layer views are stale
     names: frozenset = frozenset()
     warned: bool = False
 

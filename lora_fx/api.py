@@ -486,13 +486,21 @@ class _OtherCalls:
         self.calls = owner.__dict__[adapted_model.CALLS]
         key = call_key(entry.arguments or {}, entry.training) or (("training", entry.training),)
         self.own = self.calls._slot(key)
+        self.base_changes = self.calls.base_changes
 
     def __call__(self, view: LayerView, args: tuple, kwargs: dict):
         arguments = self.calls.bind(args, kwargs)
         key = call_key(arguments, self.owner.training)
-        if key is None or self.calls._slot(key) == self.own:
+        stale = self.calls.base_changes != self.base_changes  # quantize_base rewrote the graphs since the split
+        if not stale and (key is None or self.calls._slot(key) == self.own):
             return None
-        if any(_is_fsdp(part) for parts in view.layer_modules.values() for part in parts):
+        sharded = any(_is_fsdp(part) for parts in view.layer_modules.values() for part in parts)
+        if stale and sharded:
+            raise InputError("this layer view was split from the adapted model's graph before quantize_base "
+                             "changed its base, and its layers are sharded (FSDP2)", where="LayerView",
+                             fix="call quantize_base first, then make the view (split_layers / checkpoint_layers) "
+                                 "and shard it")
+        if sharded:
             raise InputError(f"this layer view was made for calls like {sorted(self.entry.arguments or {})} in "
                              f"{_mode(self.entry.training)} mode, and its layers are sharded (FSDP2); this call is "
                              f"another kind ({sorted(arguments)}, {_mode(self.owner.training)} mode)",

@@ -93,13 +93,20 @@ class Fp8Weight(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        for name, form in self._forms(weight).items():
+            self.register_buffer(name, form, persistent=False)
+
+    @staticmethod
+    def _forms(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             w8, w_scale = rowwise(weight)
             wt8, wt_scale = rowwise(weight.t().contiguous())
-        self.register_buffer("w8", w8, persistent=False)
-        self.register_buffer("w_scale", w_scale, persistent=False)
-        self.register_buffer("wt8", wt8.contiguous(), persistent=False)
-        self.register_buffer("wt_scale", wt_scale, persistent=False)
+        return {"w8": w8, "w_scale": w_scale, "wt8": wt8.contiguous(), "wt_scale": wt_scale}
+
+    def remake(self, weight: torch.Tensor) -> None:
+        """Make the FP8 forms again from `weight` (changed since: load_state_dict), on the device they are on."""
+        for name, form in self._forms(weight).items():
+            self._buffers[name] = form.to(self._buffers[name].device)
 
     def _apply(self, fn, recurse=True):
         """.to(device) moves the FP8 forms; .to(dtype) / .half() must not cast them (e4m3 codes in bf16 are no

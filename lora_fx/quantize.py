@@ -33,14 +33,14 @@ from torch import nn
 
 from lora_fx import adapted as adapted_model
 from lora_fx import fp8, loftq, nf4
-from lora_fx.errors import FoldError, InputError
+from lora_fx.errors import FoldError, InputError, LoraFxError
 from lora_fx.lora import LoraLinear
 from lora_fx.passes import quantize_base as quantize_pass
 from lora_fx.passes.inject import adapter_key
 from lora_fx.passes.split_layers import LayerView
 from lora_fx.plan import tied_weights
 from lora_fx.site import IN_OUT
-from lora_fx.state import LoraState, adapted_state
+from lora_fx.state import LoraState, adapted_state, find_state
 
 log = logging.getLogger("lora_fx")
 
@@ -67,6 +67,16 @@ class Fp8Matmul(fp8.Fp8Weight):
     def __init__(self, weight: torch.Tensor, stored_in_out: bool = False):
         super().__init__(weight.t().contiguous() if stored_in_out else weight)
         self.stored_in_out = stored_in_out
+        self.made_from = _identity(weight)
+
+    def follow(self, weight: torch.Tensor) -> bool:
+        """Make the FP8 forms again when `weight` changed since they were made (load_state_dict writes the weight in
+        place, or replaces it with assign=True); whether it did."""
+        if _identity(weight) == self.made_from:
+            return False
+        self.remake(weight.t().contiguous() if self.stored_in_out else weight)
+        self.made_from = _identity(weight)
+        return True
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = super().dequantize(dtype)
@@ -75,6 +85,26 @@ class Fp8Matmul(fp8.Fp8Weight):
     def forward(self, *args: torch.Tensor | None, form: str = "linear") -> torch.Tensor:
         x, _, bias = quantize_pass.operands(args, form)
         return super().forward(x, bias)
+
+
+def _identity(weight: torch.Tensor) -> tuple[int, int]:
+    """What changes when a weight's values may have: its storage, and its version counter (in-place writes)."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return weight.data_ptr(), -1
+
+
+def follow_loaded_weights(module: nn.Module, incompatible_keys: Any = None) -> None:
+    """load_state_dict post hook of an adapted model with an FP8 base: the FP8 forms, which are not in the state dict,
+    follow the weights it loaded (NF4 weights are loaded into their NF4 tensors themselves)."""
+    state = find_state(module)
+    container = module._modules.get(quantize_pass.CONTAINER)
+    if state is None or container is None:
+        return
+    for name, record in state.quantized.items():
+        if record.kind == "fp8":
+            container[record.key].follow(module.get_parameter(name))
 
 
 @dataclass
@@ -156,8 +186,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     quantization error, so the model starts closer to the original; lora_fx.loftq). LoftQ needs untrained LoRAs,
     one adapter per weight, and fold into the dequantized weights (the original fold would count the error twice).
 
-    Call it once, right after adapt (or loading an adapter) and before checkpoint_layers / split_layers views or
-    torch.compile; it changes the base weights in place in the user's model too (NF4: that is the memory saving).
+    Call it once, right after adapt (or loading an adapter), best before making checkpoint_layers / split_layers
+    views (a view made before runs its calls through a new split of the quantized graph, and is refused once FSDP2
+    sharded it) and torch.compile; it changes the base weights in place in the user's model too (NF4: that is the
+    memory saving). FP8's forms follow weights that load_state_dict writes later (a pretrained checkpoint).
     On error nothing is changed."""
     owner, state = adapted_state(adapted, what="quantize the base of")
     if isinstance(adapted, LayerView) or isinstance(owner, torch.fx.GraphModule):
@@ -170,6 +202,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
                          fix=f"use one of {LORA_COMPUTE}")
     if lora_init not in LORA_INITS:
         raise InputError(f"unknown lora_init {lora_init!r}", where="quantize_base", fix=f"use one of {LORA_INITS}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8 or \
+            block_size & (block_size - 1):
+        raise InputError(f"block_size must be a power of two, 8 or more, got {block_size!r}", where="quantize_base",
+                         fix="leave it at 64 (QLoRA's NF4 block); smaller blocks store more scales")
     if isinstance(which, str) and which not in ("adapted", "all"):
         raise InputError(f"which must be 'adapted', 'all' or a list of weight names, got {which!r}",
                          where="quantize_base", fix="'adapted': the weights with a LoRA; 'all': every frozen linear "
@@ -180,7 +216,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     if state.merged:
         raise InputError(f"adapter {state.merged[-1]!r} is merged into the base weights", where="quantize_base",
                          fix="unmerge_adapter first: the LoRA must train against the quantized weights")
-    names, skipped, in_out = _choose(owner, state, which, kind)
+    names, skipped, in_out = _choose(owner, state, which, kind, block_size)
     if not isinstance(which, str):
         refused = {w: skipped.get(w, "no linear call of the model reads it") for w in which if w not in names}
         if refused:
@@ -215,6 +251,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
 
     _set_weights(owner, new_weights)  # NF4: the weight itself is replaced, in the module that owns it
     owner.add_module(quantize_pass.CONTAINER, container)
+    if kind == "fp8":
+        owner.register_load_state_dict_post_hook(follow_loaded_weights)
     state.quantized.update(records)
     if lora_compute == "base":
         for lora in _lora_branches(owner, state):
@@ -223,6 +261,11 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     keys = {name: r.key for name, r in records.items()}
     for gm in _graphs(owner):
         quantize_pass.rewrite(gm, gm.meta["lora_fx"].sites, keys, container)
+    calls = owner.__dict__[adapted_model.CALLS]
+    for entries in calls.graphs.values():
+        for entry in entries:
+            entry.views.clear()  # split again from the rewritten graph when next wanted
+    calls.base_changes += 1  # views made before route their calls to those (lora_fx.api._OtherCalls)
     with torch.no_grad():
         for lora, (A, B, _) in starts.items():
             lora.lora_A.copy_(A)
@@ -234,8 +277,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     return report
 
 
-def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
-            kind: str) -> tuple[list[str], dict[str, str], set[str]]:
+def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str], kind: str,
+            block_size: int = 64) -> tuple[list[str], dict[str, str], set[str]]:
     """The weights to quantize, why each other candidate is left as is, and which chosen ones are stored (in, out)
     (GPT-2's Conv1D, x @ W: their quantized matmul multiplies by the weight, not its transpose)."""
     adapted_weights = _lora_weights(owner, state)
@@ -269,8 +312,8 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str],
                              fix="use 'nf4', or run on an Ada/Hopper GPU")
         if kind == "fp8" and w.is_cuda and not fp8.fits_kernel(*w.shape):
             reasons.append(f"shape {tuple(w.shape)} is not a multiple of 16 (the FP8 kernel's tile)")
-        if kind == "nf4" and nf4.block_sizes(w.numel()) is None:
-            reasons.append(f"shape {tuple(w.shape)} has no NF4 block size")
+        if kind == "nf4" and nf4.block_sizes(w.numel(), block_size) is None:
+            reasons.append(f"shape {tuple(w.shape)} has no NF4 block size of {block_size} or less")
         if reasons:
             skipped[weight] = "; ".join(reasons)
         else:
@@ -511,7 +554,14 @@ def compare_folds(adapted: nn.Module, inputs: Iterable[Any]) -> FoldComparison:
         model.train(was)
         return out
 
-    reference = outputs(owner)
+    try:
+        reference = outputs(owner)
+    except LoraFxError:
+        raise
+    except Exception as err:  # the model's own error on a batch it does not take
+        raise InputError(f"the adapted model failed on the held-out inputs: {type(err).__name__}: {err}",
+                         where="compare_folds", fix="pass batches the model takes (each a tensor, a tuple of "
+                                                    "arguments or a dict of keyword arguments)") from err
     max_abs, rel = {}, {}
     for base in bases:
         merged = fold(owner, base=base)

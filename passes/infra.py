@@ -93,7 +93,9 @@ def shallow_clone(module: torch.nn.Module, cls: type | None = None) -> torch.nn.
     clone = object.__new__(cls or type(module))  # not copy.copy: a GraphModule's __reduce__ would recompile it
     clone.__dict__ = dict(module.__dict__)
     for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                 "_non_persistent_buffers_set"):
+                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_non_persistent_buffers_set"):
         if attr in clone.__dict__:
             clone.__dict__[attr] = type(module.__dict__[attr])(module.__dict__[attr])
     return clone

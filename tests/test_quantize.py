@@ -355,6 +355,9 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
         lora_fx.quantize_base(adapted, "int3")
     with pytest.raises(InputError, match="which"):
         lora_fx.quantize_base(adapted, "fp8", which="some")
+    for block_size in (0, -64, 3, 1000, "64", True):  # the argument is named, not the weights
+        with pytest.raises(InputError, match="block_size must be a power of two"):
+            lora_fx.quantize_base(adapted, "nf4", block_size=block_size)
     with pytest.raises(InputError, match="not adapted|lora_fx.adapt"):
         lora_fx.quantize_base(model, "fp8")
     assert all(p is weights[n] for n, p in model.named_parameters())
@@ -370,7 +373,49 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     with pytest.raises(lora_fx.ExportError, match="lora_fx.fold"):
         lora_fx.export_onnx(adapted, tmp_path / "unmerged.onnx", example_inputs=(x_of(0),))
     assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="failed on the held-out inputs"):
+        lora_fx.compare_folds(adapted, [torch.randn(2, 7)])
     assert lora_fx.fold(adapted, base="dequantized") is not None
+
+
+def test_fp8_forms_follow_the_weights_load_state_dict_writes():
+    """The FP8 forms are derived from the weights and not in the state dict: a state dict loaded into a quantized
+    model (its pretrained weights, a checkpoint) remakes them, or the model would compute with the old weights."""
+    x = x_of(5)
+    _, source = adapted_mlp(seed=0)
+    lora_fx.quantize_base(source, "fp8")
+    for lora in source.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.1)
+    expected = source(x).detach()
+    for assign in (False, True):
+        _, target = adapted_mlp(seed=1)
+        lora_fx.quantize_base(target, "fp8")
+        assert rel(target(x), expected) > 0.1
+        target.load_state_dict(source.state_dict(), assign=assign)
+        assert torch.equal(target(x), expected)  # the same weights give the same forms, bit for bit
+        torch.testing.assert_close(lora_fx.fold(target, base="dequantized")(x), lora_fx.fold(source)(x))
+    copied = copy.deepcopy(target)  # the hook goes with the copy and remakes the copy's forms only
+    _, other = adapted_mlp(seed=2)
+    copied.load_state_dict(other.state_dict(), strict=False)
+    assert torch.equal(target(x), expected) and rel(copied(x), expected) > 0.1
+
+
+def test_a_layer_view_made_before_quantize_base_runs_the_quantized_model():
+    """A view splits the adapted model's graph as it is: made before quantize_base, its calls go to a split of the
+    rewritten graph (it failed on NF4 weights, and computed with the unquantized ones under FP8)."""
+    from test_split_layers import _blocks
+
+    for kind in ("nf4", "fp8") if _has_torchao() else ("fp8",):
+        adapted, x = _blocks()
+        view = lora_fx.checkpoint_layers(adapted)
+        lora_fx.quantize_base(adapted, kind, which="all")
+        adapted.train()
+        for lora in adapted.lora_fx.values():
+            nn.init.normal_(lora.lora_B, std=0.1)
+        out = view(x)
+        torch.testing.assert_close(out, adapted(x), atol=1e-6, rtol=1e-6)
+        out.pow(2).mean().backward()
+        assert all(p.grad is not None for p in lora_fx.trainable_parameters(adapted))
 
 
 def test_the_original_fold_needs_the_original_weights():
