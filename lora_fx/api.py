@@ -248,6 +248,9 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
         problems.append((f"rules[{i}]", f"rule {i} {rules[i].describe()} asks for r={rules[i].r}, more than "
                                         f"min(in, out) of {names[:10]}: r is capped there",
                          "lower r, or exclude those sites with an earlier Rule(..., exclude=True)"))
+    for name, why in Plan("", rules, decisions).whole_weight_notes().items():
+        problems.append((name, why, "select the packed weight by name to adapt it whole on purpose, or exclude it "
+                                    "with an earlier Rule(name=..., exclude=True)"))
     refused = [d for d in decisions if d.refusal]
     if refused:
         problems.append((refused[0].site.name, f"{len(refused)} selected site(s) cannot take a LoRA and are left "

@@ -196,7 +196,16 @@ class Plan:
         adapted = {d.site.node for d in self.adapted}
         out.append(f"{len(adapted)} of {len(sites)} sites adapted, "
                    f"{self.parameters_added():,} LoRA parameters, front end: {self.frontend}")
+        out += [f"note: {name}: {why}" for name, why in self.whole_weight_notes().items()]
         return "\n".join(out)
+
+    def whole_weight_notes(self) -> dict[str, str]:
+        """Packed weights (q, k and v in one) that a role rule adapts whole, because which rows feed which role could
+        not be followed: the LoRA covers the other roles' rows too."""
+        return {d.site.name: f"rule {d.rule_index} selects it by role {list(d.roles)}, but the rows of each of "
+                             f"{list(d.site.roles)} could not be followed ({d.site.rows_lost}), so the LoRA covers "
+                             f"the whole weight"
+                for d in self.adapted if d.roles and d.site.rows_lost and not d.rows}
 
     def __str__(self) -> str:
         return self.table()

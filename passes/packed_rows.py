@@ -247,6 +247,7 @@ class _Tracker:
         if not isinstance(shape, tuple) or shape[-1] != out_features:
             raise _Lost("the site's output is not (..., out_features)")
         maps: dict[fx.Node, Any] = {site_node: _Map(tuple(0 for _ in shape[:-1]) + (1,), 0)}
+        self.upper_bound = ""  # the first node where the rows found became an upper bound (see find_packed_rows)
         found: dict[str, set] = {}
         heap, queued = [(self.order[site_node], site_node.name)], {site_node}
         while heap:
@@ -305,8 +306,11 @@ class _Tracker:
         if isinstance(m, list) or not isinstance(shape, tuple):
             raise _Lost(f"{node.name}: op on a list of pieces")
         if m.rows is not None:
-            if op in NARROW_OPS:
-                raise _Lost(f"{node.name}: narrowing a tensor whose row map is lost")
+            if op in NARROW_OPS:  # a part of it comes from some of those rows: keep them all, an upper bound
+                self.upper_bound = self.upper_bound or node.name
+                out = self.shape(node)
+                if isinstance(out, list):  # split / chunk / unbind: pieces
+                    return [_Map(tuple(0 for _ in piece), 0, m.rows) for piece in out]
             return self.frozen(node, m.rows)
         rank = len(shape)
         if op in RESHAPE_OPS:
@@ -489,6 +493,11 @@ def find_packed_rows(gm: fx.GraphModule, sites: list[Site], *, shapes: dict | No
         if rows is None and can_run:
             real_sizes = real_sizes or _Tracker(a, record_shapes(gm, tuple(example_inputs or ()), example_kwargs))
             rows, why = _track(real_sizes, a.nodes[s.node], s.out_features)
+        if rows is not None and tracker.upper_bound and _overlap(rows):
+            # a part of a tensor whose row map was lost (RoPE's rotate_half mixes a head's features, and Phi-3
+            # slices the rotated head again) is charged all of that tensor's rows: sound while the roles' rows
+            # stay apart (each role still gets every row it reads, and none that another role reads)
+            rows, why = None, f"{tracker.upper_bound}: narrowing a tensor whose row map is lost"
         if rows is None:
             if len(roles[s.node]) > 1:  # a packed weight whose slices stay unknown: say why
                 out.lost[s.node] = why
@@ -498,6 +507,11 @@ def find_packed_rows(gm: fx.GraphModule, sites: list[Site], *, shapes: dict | No
             continue
         out[s.node] = {role: _ranges(rows[role]) for role in QKV if role in rows}
     return out
+
+
+def _overlap(rows: dict[str, frozenset]) -> bool:
+    sets = list(rows.values())
+    return any(a & b for i, a in enumerate(sets) for b in sets[i + 1:])
 
 
 def _track(tracker: _Tracker, node: fx.Node, out_features: int) -> tuple[dict[str, frozenset] | None, str]:

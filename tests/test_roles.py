@@ -255,6 +255,60 @@ def test_a_lost_row_map_is_recorded_and_shown_by_plan():
     rows = [r for r in plan.rows() if r["site"].endswith("qkv")]
     assert rows and all(r["adapted"] and "could not be followed (no shape" in r["why"] and "whole weight" in r["why"]
                         for r in rows)
+    assert str(plan).count("whole weight") == len(rows)  # the printed plan says so, not only its reasons
+    with pytest.warns(UserWarning, match="covers the whole weight"):  # and so does adapt
+        lora_fx.adapt(model, [lora_fx.Rule(role="attn.q")], frontend="fx")
+
+
+class RotatedGQA(nn.Module):
+    """Phi-3's attention: one qkv Linear with fewer key/value heads (rows [q | k | v] of unequal sizes), each part
+    viewed as heads and rotated on its first `rotary` features (rotate_half: slices, neg, cat), the rest passed."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2, rotary=4):
+        super().__init__()
+        self.heads, self.kv_heads, self.dh, self.rotary = heads, kv_heads, d // heads, rotary
+        self.qkv, self.o = nn.Linear(d, d + 2 * kv_heads * self.dh), nn.Linear(d, d)
+
+    def rope(self, t, cos, sin):
+        rot, rest = t[..., :self.rotary], t[..., self.rotary:]
+        half = self.rotary // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+    def repeat_kv(self, t):  # transformers' repeat_kv: t[:, :, None] is a slice of the whole tensor, then more
+        b, h, n, dh = t.shape
+        groups = self.heads // self.kv_heads
+        return t[:, :, None, :, :].expand(b, h, groups, n, dh).reshape(b, h * groups, n, dh)
+
+    def forward(self, x, cos, sin):
+        b, n, d = x.shape
+        y = self.qkv(x)
+        kv = self.kv_heads * self.dh
+        q, k, v = y[..., :d], y[..., d:d + kv], y[..., d + kv:]
+        q = self.rope(q.view(b, n, self.heads, self.dh).transpose(1, 2), cos, sin)
+        k = self.rope(k.view(b, n, self.kv_heads, self.dh).transpose(1, 2), cos, sin)
+        v = v.view(b, n, self.kv_heads, self.dh).transpose(1, 2)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, n, d))
+
+
+def test_packed_rows_of_unequal_parts_through_a_partial_rotary():
+    """The rotated part of each head has its features mixed (rotate_half), and is sliced again: its rows are then
+    an upper bound, which stays exact while q's, k's and v's bounds do not overlap (Phi-3 adapted the whole qkv
+    weight for Rule(role='attn.q'), k and v rows included)."""
+    torch.manual_seed(0)
+    model = RotatedGQA()
+    x, cos, sin = torch.randn(2, 6, 32), torch.randn(6, 4), torch.randn(6, 4)
+    gm = trace(model, (x, cos, sin), frontend="export").graph_module
+    sites, found, packed = detect(gm, model)
+    qkv = next(s for s in sites if s.module == "qkv")
+    assert packed[qkv.node] == {Q: ((0, 32),), K: ((32, 48),), V: ((48, 64),)} and not packed.lost
+    adapted = lora_fx.adapt(model, lora_fx.Rule(role="attn.q"), example_inputs=(x, cos, sin), frontend="export")
+    for p in lora_fx.lora_parameters(adapted):
+        nn.init.normal_(p, std=0.1)
+    changed = (lora_fx.fold(adapted).qkv.weight - model.qkv.weight).abs().sum(1) > 0
+    assert changed.nonzero().flatten().tolist() == list(range(32))  # the q rows, and only they
 
 
 # ------------------------------------------------------------------------------------------------ MultiheadAttention
