@@ -200,11 +200,13 @@ class AdaptedMixin:
         """Nothing to do: checkpointing here is non-reentrant, so inputs need no requires_grad hook."""
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """Write the adapter (LoRA weights, modules trained in full, settings): lora_fx.save_adapter. The merged
-        model (lora_fx.fold) is the user's class, whose save_pretrained writes full weights."""
-        from lora_fx.adapter_file import save_adapter
+        """Write the adapter (LoRA weights, modules trained in full, settings; lora_fx.load_adapter reads it) into
+        the folder beside what it holds, and the trainable state that transformers' Trainer resumes from
+        (lora_fx.adapter_file.save_pretrained_files). The merged model (lora_fx.fold) is the user's class, whose
+        save_pretrained writes full weights."""
+        from lora_fx.adapter_file import save_pretrained_files
 
-        return save_adapter(self, save_directory)
+        return save_pretrained_files(self, save_directory)
 
     def __reduce_ex__(self, protocol: int):
         state = dict(self.__dict__)

@@ -52,6 +52,8 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT = "lora_fx.adapter"
 FORMAT_VERSION = 1
 DEFAULT_ADAPTER = DEFAULT
+TRAINER_FILE = "model.safetensors"  # save_pretrained's trainable state, for transformers' Trainer
+TRAINER_MARK = "lora_fx_trainable_state"  # its safetensors metadata key
 FULL_PREFIX = "modules_to_save."  # tensors of the modules trained in full: "modules_to_save.classifier.weight"
 
 
@@ -322,6 +324,20 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
     torch.distributed.checkpoint's get_model_state_dict(full_state_dict=True): each tensor is gathered whole (a
     collective), rank 0 alone writes the folder, and every rank returns once it is written or raises
     AdapterFileError if rank 0 could not write it."""
+    tensors, config, metadata, sharded = _adapter_contents(adapted, adapter)
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata)
+        write_json(_jsonable(config), tmp / CONFIG_FILE)
+
+    if not sharded:
+        return atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE))
+    return _write_on_rank0(directory, write)
+
+
+def _adapter_contents(adapted: nn.Module, adapter: str) -> tuple[dict, dict, dict, bool]:
+    """(tensors, config, safetensors metadata, whether A and B are FSDP2-sharded) of an adapter file: every A and B
+    gathered whole on the CPU, checked finite, and the settings."""
     gm, container, state = adapter_container(adapted, adapter, what="save an adapter from")
     weights = _weight_settings(container, state)
     dtensor = dtensor_type()
@@ -363,13 +379,56 @@ def save_adapter(adapted: nn.Module, directory: str | os.PathLike, *, adapter: s
     }
     metadata = {"format": "pt", "lora_fx_format": FORMAT, "lora_fx_format_version": str(FORMAT_VERSION)}
 
-    def write(tmp: Path) -> None:
-        write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata)
-        write_json(_jsonable(config), tmp / CONFIG_FILE)
+    return tensors, config, metadata, sharded
 
-    if not sharded:
-        return atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
-    return _write_on_rank0(directory, write)
+
+def save_pretrained_files(adapted: nn.Module, directory: str | os.PathLike) -> Path:
+    """The adapted model's save_pretrained: the adapter files written into `directory` (made if need be) beside what
+    it already holds, each file atomically, as transformers' save_pretrained writes (Trainer saves a checkpoint into
+    its output folder, which holds earlier checkpoints). Plus TRAINER_FILE: the trainable tensors (A, B, modules
+    trained in full) under the adapted model's own state_dict names, which transformers' Trainer loads with
+    load_state_dict(strict=False) to resume a run or for load_best_model_at_end; a TRAINER_FILE lora_fx did not
+    write (a model's own weights) is never replaced. FSDP2-sharded adapters are saved as save_adapter does."""
+    from lora_fx.atomic import atomic_file
+    from lora_fx.state import adapted_state
+
+    tensors, config, metadata, sharded = _adapter_contents(adapted, DEFAULT_ADAPTER)
+    if sharded:
+        return save_adapter(adapted, directory)
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError("the path exists and is not a folder", where=str(path),
+                               fix="give a folder path (it is created) or remove the file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterFileError(f"cannot create the folder: {e}", where=str(path),
+                               fix="check the path and its permissions") from e
+    owner, _ = adapted_state(adapted, what="save")
+    trainable = {name: p.detach().to("cpu").contiguous().clone()
+                 for name, p in owner.named_parameters() if p.requires_grad}
+    files = [(WEIGHTS_FILE, lambda f: write_safetensors(tensors, f, metadata)),
+             (CONFIG_FILE, lambda f: write_json(_jsonable(config), f))]
+    if _ours_or_absent(path / TRAINER_FILE):
+        files.append((TRAINER_FILE, lambda f: write_safetensors(trainable, f, {"format": "pt", TRAINER_MARK: "1"})))
+    else:
+        warnings.warn(f"lora_fx: {path / TRAINER_FILE} is not lora_fx's and was left as it is: transformers' Trainer "
+                      f"cannot resume from this folder", stacklevel=3)
+    for name, write in files:
+        with atomic_file(path / name, AdapterFileError) as tmp:
+            write(tmp / name)
+    return path
+
+
+def _ours_or_absent(file: Path) -> bool:
+    """Whether `file` is missing or a trainable-state file lora_fx wrote (its safetensors metadata says so)."""
+    if not file.exists():
+        return False if file.is_symlink() else True
+    try:
+        with safetensors.safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(TRAINER_MARK) == "1"
+    except Exception:  # not a safetensors file at all: not ours
+        return False
 
 
 def _write_on_rank0(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -379,7 +438,7 @@ def _write_on_rank0(directory: str | os.PathLike, write: Callable[[Path], None])
     path, error = Path(directory).expanduser().absolute(), None
     if dist.get_rank() == 0:
         try:
-            path = atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE))
+            path = atomic_write_dir(directory, write, owned=(WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE))
         except AdapterFileError as e:
             error = e
     # a status tensor, not broadcast_object_list: nothing is unpickled, even between ranks

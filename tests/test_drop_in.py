@@ -260,6 +260,56 @@ def test_trainer_trains_it_with_peft_losses(tmp_path, checkpointing):
     assert lora_fx.capture_info(adapted)["checkpointing"] == checkpointing
 
 
+def _lm_rows(n: int = 8) -> ListDataset:
+    return ListDataset([{"input_ids": ids(1, 8, seed=10 + i)[0], "labels": ids(1, 8, seed=10 + i)[0]}
+                        for i in range(n)])
+
+
+def _checkpointing_trainer(model, folder, max_steps: int, **args):
+    """A Trainer saving every step; a constant learning rate, so that a run cut in two has the schedule of one."""
+    targs = transformers.TrainingArguments(output_dir=str(folder), per_device_train_batch_size=2, max_steps=max_steps,
+                                           learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_steps=1,
+                                           save_strategy="steps", logging_steps=1, lr_scheduler_type="constant", **args)
+    return transformers.Trainer(model=model, args=targs, train_dataset=_lm_rows(), eval_dataset=_lm_rows(2))
+
+
+def test_trainer_resumes_from_and_reloads_the_checkpoints_it_wrote(tmp_path):
+    """Trainer checkpoints of an adapted model (save_pretrained): train(resume_from_checkpoint=...) continues the run
+    exactly (Trainer could not find a checkpoint there), load_best_model_at_end loads the best one (it kept the last
+    silently), and save_model writes into the output folder that holds the checkpoints."""
+    pytest.importorskip("accelerate")
+    base = llama()
+
+    def fresh():
+        torch.manual_seed(0)  # the same A in every run
+        return lora_fx.adapt(copy.deepcopy(base), Rule(name="q_proj|v_proj", r=4), example_inputs=(ids(1, 5),),
+                             example_kwargs={"use_cache": False})
+
+    whole = fresh()
+    _checkpointing_trainer(whole, tmp_path / "whole", 4).train()
+    halves = fresh()
+    _checkpointing_trainer(halves, tmp_path / "halves", 2).train()
+    resumed = fresh()  # a new process: the same model adapted the same way, its LoRA at its start
+    _checkpointing_trainer(resumed, tmp_path / "halves", 4).train(resume_from_checkpoint=str(tmp_path / "halves" /
+                                                                                           "checkpoint-2"))
+    for (name, a), b in zip(lora_fx.lora_state_dict(whole).items(), lora_fx.lora_state_dict(resumed).values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)  # same CPU ops: equal up to rounding
+
+    best = fresh()
+    trainer = _checkpointing_trainer(best, tmp_path / "best", 3, eval_strategy="steps", eval_steps=1,
+                                     load_best_model_at_end=True, metric_for_best_model="loss",
+                                     greater_is_better=True)  # the worst loss is "best": not the last step
+    trainer.train()
+    chosen = trainer.state.best_model_checkpoint
+    assert chosen is not None and not chosen.endswith("checkpoint-3")
+    again = lora_fx.adapt_from_adapter(copy.deepcopy(base), chosen, example_inputs=(ids(1, 5),),
+                                       example_kwargs={"use_cache": False})
+    for a, b in zip(lora_fx.lora_state_dict(again).values(), lora_fx.lora_state_dict(best).values()):
+        assert torch.equal(a, b)
+    trainer.save_model()  # into the folder that holds checkpoint-1..3
+    assert (tmp_path / "best" / "adapter.safetensors").is_file() and (tmp_path / "best" / "checkpoint-1").is_dir()
+
+
 # ------------------------------------------------------------------------------------------------ fold
 def test_fold_gives_back_the_users_class(tmp_path):
     adapted, pm, base = pair()
