@@ -134,6 +134,33 @@ def test_dynamic_export_runs_at_other_batch_and_sequence_sizes(tmp_path, block):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+class CrossAttention(nn.Module):
+    """An encoder-decoder in miniature: a source and a target sequence of independent lengths."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q, self.kv = nn.Linear(d, d), nn.Linear(d, 2 * d)
+
+    def forward(self, target, source):
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return torch.softmax(self.q(target) @ k.transpose(1, 2), dim=-1) @ v
+
+
+def test_dynamic_export_gives_independent_sequences_their_own_names(tmp_path):
+    """Both inputs' dim 1 is a sequence, but not the same one: the second is named after its input (both were
+    'sequence', which ONNX Runtime reads as equal sizes: it failed even at the example shapes, 6 vs 10)."""
+    model = CrossAttention().eval()
+    path = export_onnx(model, tmp_path / "cross.onnx", (_x(2, 6, 16), _x(2, 10, 16)), dynamic=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes == {"target": ["batch", "sequence", 16], "source": ["batch", "source_sequence", 16]}
+    for batch, target_len, source_len in ((2, 6, 10), (3, 9, 4), (1, 5, 5)):
+        target, source = _x(batch, target_len, 16), _x(batch, source_len, 16)
+        (got,) = session.run(None, {"target": target.numpy(), "source": source.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(target, source).numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_fp16_export_casts_a_copy_not_the_callers_model(tmp_path, block):
     x = _x(2, 5, 16)
     path = export_onnx(block, tmp_path / "half.onnx", (x,), dtype=torch.float16)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from lora_fx.atomic import atomic_file
 from lora_fx.errors import ExportError, InputError
@@ -57,7 +58,8 @@ def export_onnx(
     The export runs in eval mode with ``torch.onnx.export(dynamo=True, opset_version=OPSET)`` and onnxscript's
     default optimisation except value-based initializer deduplication (see ``_optimize``).
     ``dynamic=True`` makes dim 0 of every tensor input dynamic (named ``batch``) and dim 1 of token ids, masks and
-    (batch, sequence, features) inputs (``sequence``), where the model allows it; outputs are named after the
+    (batch, sequence, features) inputs (``sequence``; a second sequence of independent length, as an
+    encoder-decoder's, is ``<input>_sequence``), where the model allows it; outputs are named after the
     model's output fields (``logits``, ``last_hidden_state``, ...; lora_fx.onnx.names).
     ``dynamic_shapes`` is passed through as ``torch.export`` expects it and wins over ``dynamic``.
     ``dtype`` (e.g. ``torch.float16``) exports a cast copy of the model (an adapted model's copy captures its graph
@@ -238,7 +240,7 @@ def _export(
                 dynamo=True,
                 optimize=False,  # _optimize below: the exporter's optimisation minus value-based deduplication
                 opset_version=OPSET,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=_unnamed(dynamic_shapes),
                 verbose=False,
                 report=False,
                 custom_translation_table=custom_translations() or None,
@@ -252,6 +254,16 @@ def _export(
         ) from err
     if not target.is_file():
         raise ExportError("torch.onnx.export returned without writing a file", where=str(path), fix="report this as a bug")
+
+
+def _unnamed(dynamic_shapes: Any) -> Any:
+    """dynamic_shapes with every axis name (a string) as Dim.DYNAMIC. torch.onnx gives a named axis its name in the
+    file, so two axes of one name but of independent sizes (an encoder-decoder's two sequences) would read as one
+    size to ONNX Runtime; unnamed, they keep the exporter's symbols (one per size torch.export tells apart), which
+    name_interface then names."""
+    if dynamic_shapes is None:
+        return None
+    return pytree.tree_map(lambda d: torch.export.Dim.DYNAMIC if isinstance(d, str) else d, dynamic_shapes)
 
 
 def _export_first_that_fits(model: torch.nn.Module, target: pathlib.Path, args: tuple, kwargs: dict[str, Any],

@@ -119,7 +119,14 @@ def name_interface(model: Any, axis_names: dict[str, dict[int, str]], outputs: l
         for axis, wanted in axis_names.get(value.name, {}).items():
             dims = value.shape.dims if value.shape is not None else ()
             if axis < len(dims) and isinstance(dims[axis], ir.SymbolicDim) and dims[axis].value is not None:
-                symbols.setdefault(str(dims[axis].value), wanted)
+                symbol = str(dims[axis].value)
+                if symbol not in symbols and wanted == SEQUENCE and wanted in symbols.values():
+                    # dynamic=True's own name for dim 1, where torch.export tells this size apart from the one that
+                    # has the name (an encoder-decoder's two sequences): ONNX Runtime reads equal names as equal
+                    # sizes, so this one is named after its input. Names given on purpose (the KV cache's
+                    # past_sequence of every layer, batch) are kept as given
+                    wanted = f"{value.name}_{wanted}"
+                symbols.setdefault(symbol, wanted)
     if symbols:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(symbols, key=len, reverse=True))) + r")\b")
         rename = lambda text: pattern.sub(lambda m: symbols[m.group(1)], text)
