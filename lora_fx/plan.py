@@ -51,10 +51,14 @@ def resolve_tied(decisions: list[Decision], tied: dict[str, list[str]], rules_gi
                 fix=f"exclude it (Rule(name={d.site.name!r}, exclude=True)), or pass untie=True to give the folded "
                     f"model its own copy of {d.site.weight!r} (its ONNX export then has one more initializer)")
         if frontend == "export":
+            module, _, leaf = d.site.weight.rpartition(".")
+            owner = f"model.{module}" if module else "model"
             raise RuleError(
                 f"weight {d.site.weight!r} is tied to {twins} and the torch.export graph reads both through one "
-                f"node, so it cannot be untied there", where=d.site.name,
-                fix="use frontend='fx' if the model traces symbolically, or exclude this site")
+                f"node, so adapt cannot untie them there", where=d.site.name,
+                fix=f"untie them in the model before adapt: {owner}.{leaf} = nn.Parameter({owner}.{leaf}.detach()"
+                    f".clone()) (a transformers model also needs model.config.tie_word_embeddings = False, so that a "
+                    f"saved merged model loads untied); or exclude this site")
         out.append(d)
     return out
 

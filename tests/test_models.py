@@ -233,6 +233,25 @@ def test_tied_weights_untie_fx(tmp_path):
         assert torch.equal(model.embed.weight, w0)
 
 
+def test_tied_weights_under_export_name_the_untie_that_works():
+    """torch.export reads a tied pair through one node, so untie=True is refused there (every transformers model):
+    the message gives the untie to do in the model first, which then adapts and folds like untie=True under fx."""
+    model, args, _ = Z.tied_lm()
+    with pytest.raises(lora_fx.RuleError, match="one node") as info:
+        lora_fx.adapt(model, lora_fx.Rule(name="lm_head"), example_inputs=args, frontend="export", untie=True)
+    assert "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())" in str(info.value)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # what the message says
+    adapted = lora_fx.adapt(model, lora_fx.Rule(name="lm_head"), example_inputs=args, frontend="export")
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.05)
+    w0 = model.embed.weight.detach().clone()
+    with torch.no_grad():
+        y = adapted(*args)
+        merged = lora_fx.fold(adapted)
+        torch.testing.assert_close(merged(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
+        assert torch.equal(merged.embed.weight, w0) and not torch.equal(merged.lm_head.weight, w0)
+
+
 class TiedByUse(nn.Module):
     """One parameter under ONE name read twice: as the embedding table and as the output projection (F.linear),
     a common hand-written tied LM. named_parameters() shows no duplicate, so a name-based tie check misses it."""
