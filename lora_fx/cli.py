@@ -24,6 +24,7 @@ import importlib
 import inspect
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import traceback
@@ -515,6 +516,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "the adapter path is not a folder") + f" (at {adapter})", hint="give the folder lora_fx.save_adapter (or PEFT's "
                                                                 "save_pretrained) wrote")
     out = pathlib.Path(args.out)
+    _check_outputs(out, pathlib.Path(args.base_out) if args.base_out else None)
     loaded = load_model(args.model, args.input_shape, args.input_ids, random_weights=args.random_weights)
     _need_inputs(loaded, "export")
     _info(f"model: {loaded.description}; example inputs: {_describe_inputs(loaded)}")
@@ -540,18 +542,23 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"quantized again as then; fold into the {record['fold'] or 'dequantized'} weights")
     merged = lora_fx.fold(adapted)
     dtype = torch.float16 if args.fp16 else None
-    with contextlib.ExitStack() as stack:
-        if args.base_out:
-            base_path = pathlib.Path(args.base_out)
-        else:
-            base_path = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-fx-"))) / "base.onnx"
+    with tempfile.TemporaryDirectory(prefix="lora-fx-") as staging:
+        # the base export waits in a temporary folder until the merged one is written: a failed export leaves no
+        # half of the pair behind (its external-data file, if any, keeps its name beside it)
+        base_path = pathlib.Path(staging) / (pathlib.Path(args.base_out).name if args.base_out else "base.onnx")
         lora_fx.export_onnx(loaded.model, base_path, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype,
                             kv_cache=args.kv_cache)
-        _info(f"exported the base model -> {base_path if args.base_out else '(temporary file)'}")
+        _info("exported the base model")
         lora_fx.export_onnx(merged, out, loaded.args or (), kwargs, dynamic=args.dynamic, dtype=dtype,
                             kv_cache=args.kv_cache)
         _info(f"exported the merged model -> {out}")
         report = lora_fx.verify_onnx(base_path, out)
+        if args.base_out:
+            target = pathlib.Path(args.base_out)
+            for f in sorted(pathlib.Path(staging).iterdir(), key=lambda f: f == base_path):  # the .onnx last
+                shutil.move(str(f), str(target if f == base_path else target.parent / f.name))
+            base_path = target
+            _info(f"kept the base model's export -> {target}")
     report.base_name = str(base_path) if args.base_out else "base (temporary file)"
     report.merged_name = str(out)
     print(report)
@@ -569,6 +576,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                        hint="folding must give back the original graph: report this as a lora_fx bug with the "
                             "differences above (the merged file was written so you can inspect it)")
     return EXIT_OK
+
+
+def _check_outputs(out: pathlib.Path, base_out: pathlib.Path | None) -> None:
+    """Refuse output paths that cannot be written before anything is exported (nothing half-written)."""
+    for path, flag in ((out, "--out"), (base_out, "--base-out")):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise CliError(f"{flag} {path} is a folder", hint="give a file path such as merged.onnx")
+        if not path.parent.is_dir():
+            raise CliError(f"the folder of {flag} {path} does not exist", hint=f"create {path.parent} first")
+    if base_out is not None and base_out.resolve() == out.resolve():
+        raise CliError(f"--out and --base-out are the same file ({out}): the base export would be overwritten and "
+                       f"the merged file verified against itself", hint="give the base export its own path")
 
 
 def _generate_parity(path: pathlib.Path, merged: Any, loaded: Any) -> None:

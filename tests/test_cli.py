@@ -282,7 +282,17 @@ def test_export_bad_inputs(capsys, files, tmp_path):
     code, _, err = run(capsys, "export", FACTORY, "--out", out_path)
     assert code == EXIT_USAGE
     assert_error(err, "--adapter")
-    assert not out_path.exists()
+    # output paths are checked before anything is exported: no base file is left beside a failed merged one
+    base_path = tmp_path / "base.onnx"
+    code, _, err = run(capsys, "export", FACTORY, "--adapter", files / "adapter", "--out", out_path,
+                       "--base-out", out_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "--out and --base-out are the same file")
+    code, _, err = run(capsys, "export", FACTORY, "--adapter", files / "adapter", "--out",
+                       tmp_path / "no-such-folder" / "merged.onnx", "--base-out", base_path)
+    assert code == EXIT_FAILED
+    assert_error(err, "does not exist")
+    assert not out_path.exists() and not base_path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ verify
