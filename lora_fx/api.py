@@ -323,7 +323,8 @@ def _graphs(owner: nn.Module) -> list[fx.GraphModule]:
 
 
 def set_adapter(adapted: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Enable exactly the named adapters (None: none); the others add nothing until enabled again."""
+    """Enable exactly the named adapters (None: none); the others add nothing until enabled again. It switches LoRA
+    branches: modules trained in full keep their trained parameters (disable_adapters gives the base model)."""
     owner, state = adapted_state(adapted, what="switch adapters of")
     names = {names} if isinstance(names, str) else set(names or ())
     containers = state.containers(owner)
@@ -343,12 +344,19 @@ def active_adapters(adapted: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disable_adapters(adapted: nn.Module):
-    """Inside the block the adapted model computes the base model's output."""
+    """Inside the block the adapted model computes the base model's output: no LoRA branch adds anything, and the
+    modules trained in full (modules_to_save) compute with the user's model's own parameters, as PEFT's
+    disable_adapter does."""
+    owner, state = adapted_state(adapted, what="disable the adapters of")
     before = active_adapters(adapted)
+    user = adapted_model.user_model(owner)
+    originals = {f"{m}.{n}": p for m in state.modules_to_save for n, p in user.get_submodule(m).named_parameters()}
+    trained = quantize.swap_parameters(owner, originals)
     set_adapter(adapted, None)
     try:
         yield adapted
     finally:
+        quantize.swap_parameters(owner, trained)
         set_adapter(adapted, before)
 
 

@@ -389,6 +389,16 @@ def _set_weights(owner: nn.Module, weights: dict[str, nn.Parameter]) -> None:
             _replace_parameter(root, name, value)
 
 
+def swap_parameters(owner: nn.Module, values: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Put `values` in place of the adapted model's parameters of those names, in it and in its captured graphs
+    (not in the user's model); returns the parameters they replaced, to swap back."""
+    replaced = {name: owner.get_parameter(name) for name in values}
+    for root in {id(m): m for m in [owner, *_graphs(owner)]}.values():
+        for name, value in values.items():
+            _replace_parameter(root, name, value)
+    return replaced
+
+
 def _replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
     """root's parameter `name` becomes `value`, where root has it (a graph may not read every weight)."""
     path, _, leaf = name.rpartition(".")

@@ -371,6 +371,12 @@ def test_modules_trained_in_full_beside_the_lora(tmp_path):
         assert torch.equal(again(input_ids=x).logits, want)
         assert torch.allclose(merged(input_ids=x).logits, want, atol=1e-5)
     assert torch.equal(merged.classifier.weight, adapted.classifier.weight)
+    user_head, trained_head = base.classifier.weight, adapted.classifier.weight
+    with torch.no_grad():
+        with lora_fx.disable_adapters(adapted):  # the base model: no LoRA and the user's own head (PEFT does so)
+            assert torch.equal(adapted(input_ids=x).logits, base.eval()(input_ids=x).logits)
+        assert torch.equal(adapted(input_ids=x).logits, want)  # and back
+    assert base.classifier.weight is user_head and adapted.classifier.weight is trained_head
     base_onnx = lora_fx.export_onnx(base, tmp_path / "base.onnx", (x,))
     merged_onnx = lora_fx.export_onnx(merged, tmp_path / "merged.onnx", (x,))
     assert lora_fx.verify_onnx(base_onnx, merged_onnx).identical
