@@ -52,6 +52,9 @@ KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora
 # an embedding's LoRA is a pair of bare parameters in PEFT: <module>.lora_embedding_A (r, num_embeddings), _B (dim, r)
 EMBEDDING_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
+# the base weight of an adapted embedding or output layer, which save_pretrained's save_embedding_layers="auto"
+# (its default) stores beside the LoRA in case the vocabulary was resized
+BASE_WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 
 # Config fields whose non-empty value means something lora_fx cannot reproduce (a different layer or extra weights).
 _UNSUPPORTED = {
@@ -110,9 +113,13 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     if not (isinstance(saved, list) and all(isinstance(name, str) and name for name in saved)):
         raise AdapterFileError(f"modules_to_save={saved!r} is not a list of module names", where=where,
                                fix="save the adapter again with PeftModel.save_pretrained")
+    base_weights = {}
     for key, t in tensors.items():
         m = KEY.match(key) or EMBEDDING_KEY.match(key)
         name = key.removeprefix(PREFIX)
+        if m is None and BASE_WEIGHT_KEY.match(key):
+            base_weights[BASE_WEIGHT_KEY.match(key).group("module") + ".weight"] = t
+            continue
         if m is None and _trained_in_full(name, saved):  # a module PEFT trains in full: its own weights
             full[name] = t
             continue
@@ -174,14 +181,33 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
                                where=str(path), fix="the files come from different saves or were edited: save the "
                                                     "adapter again with PeftModel.save_pretrained")
     config["lora_fx_modules_to_save"] = full  # {"classifier.weight": tensor, ...}: the modules trained in full
+    config["lora_fx_base_weights"] = base_weights  # {"model.embed_tokens.weight": tensor}: checked against the model
     return config, modules
 
 
+def _check_base_weights(model: nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
+    """Base weights PEFT saved beside the LoRA (save_embedding_layers) must be the model's own: lora_fx loads the
+    LoRA onto the model as it is, so a resized or retrained embedding would silently not be there."""
+    params = dict(model.named_parameters())
+    for name, t in saved.items():
+        own = params.get(name)
+        if own is None or own.shape != t.shape or not torch.equal(own.detach().cpu().to(t.dtype), t):
+            what = "is not a parameter of this model" if own is None else (
+                f"has shape {tuple(t.shape)} in the file, {tuple(own.shape)} in this model" if own.shape != t.shape
+                else "differs from this model's")
+            raise AdapterFileError(f"the PEFT adapter stores the base weight of {name} (save_embedding_layers), and "
+                                   f"it {what}", where=where,
+                                   fix="load it onto the model it was trained on (with its vocabulary resized the "
+                                       "same way); lora_fx loads the LoRA, not base weights")
+
+
 def _trained_in_full(name: str, saved: list[str]) -> bool:
-    """Whether tensor `name` ("classifier.weight") belongs to a module PEFT's modules_to_save names (an entry
-    matches a module path equal to it or ending with "." + it, as PEFT matches them)."""
-    module = name.rpartition(".")[0]
-    return any(module == entry or module.endswith("." + entry) for entry in saved)
+    """Whether tensor `name` ("classifier.weight", "bert.pooler.dense.weight") belongs to a module PEFT's
+    modules_to_save names, or to a submodule of one: PEFT wraps every module whose path ends with an entry (a plain
+    string suffix: "norm" takes every "...layernorm" too)."""
+    parts = name.split(".")[:-1]
+    ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]  # its module, that module's parents, ...
+    return any(module.endswith(entry) for module in ancestors for entry in saved)
 
 
 def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_inputs: tuple | None = None,
@@ -195,6 +221,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
 
     config, modules = read_peft_adapter(peft_dir)
     full = config.pop("lora_fx_modules_to_save")
+    _check_base_weights(model, config.pop("lora_fx_base_weights"), str(peft_dir))
     parameters = _resolve_parameters(model, config, modules, str(peft_dir))  # file path -> (weight, num_experts)
     rules = []
     for module, s in modules.items():

@@ -433,3 +433,34 @@ def test_the_first_matching_pattern_key_wins_as_in_peft(tmp_path):
         assert ours == peft_scalings == expected
         with torch.no_grad():
             assert torch.allclose(adapted(X16), pm(X16), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_embedding_and_head_loras_load_from_peft_default_saves(tmp_path, target):
+    """PEFT's save_pretrained stores an adapted embedding's or output layer's base weight beside its LoRA by default
+    (save_embedding_layers="auto"): checked equal to the model's own and left out (the load was refused); a file
+    whose base weight differs from the model's (a resized vocabulary) is refused, naming it."""
+    pm, pristine = peft_saved(tmp_path, llama, LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+    adapted = load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    torch.testing.assert_close(logits(adapted), logits(pm), atol=ATOL, rtol=0)
+    other = llama()
+    with torch.no_grad():
+        getattr(other.model if target == "embed_tokens" else other, target).weight.add_(1.0)
+    with pytest.raises(AdapterFileError, match="stores the base weight of .* differs from this model's"):
+        load_peft_adapter(other, tmp_path / "peft", **export_adapt_kwargs())
+
+
+@pytest.mark.parametrize("saved", [["layers.1.mlp"], ["norm"]])
+def test_modules_to_save_naming_a_parent_or_a_suffix_load_as_in_peft(tmp_path, saved):
+    """PEFT trains in full every module whose path ends with an entry, and saves the parameters of its submodules:
+    a parent module (an MLP block) and a plain suffix ("norm": every layernorm) load with PEFT's outputs."""
+    pm, pristine = peft_saved(tmp_path, llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                          modules_to_save=saved))
+    with torch.no_grad():  # as if trained
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    adapted = load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    torch.testing.assert_close(logits(adapted), logits(pm), atol=ATOL, rtol=0)
+    assert not torch.allclose(logits(adapted), logits(pristine), atol=1e-3)
