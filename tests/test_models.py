@@ -206,19 +206,26 @@ def test_tied_weights_rule_selecting_the_head_is_refused(frontend):
         lora_fx.adapt(model, lora_fx.Rule(name="lm_head"), example_inputs=args, frontend=frontend)
 
 
+def _trained_and_folded(adapted, args):
+    """(the adapted model's output with random B, its fold), checked to compute the same (fp32 rounding)."""
+    for lora in adapted.lora_fx.values():
+        nn.init.normal_(lora.lora_B, std=0.05)
+    with torch.no_grad():
+        y = adapted(*args)
+        merged = lora_fx.fold(adapted)
+        torch.testing.assert_close(merged(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
+    return y, merged
+
+
 def test_tied_weights_untie_fx(tmp_path):
     """untie=True (fx): the folded model gets its own lm_head copy; the embedding keeps W0, in place or not;
     the merged ONNX has one initializer more than the base's, so verify_onnx reports it."""
     model, args, _ = Z.tied_lm()
     adapted = lora_fx.adapt(model, lora_fx.Rule(), example_inputs=args, frontend="fx", untie=True)
     assert "lm_head" in adapted.lora_fx
-    for lora in adapted.lora_fx.values():
-        nn.init.normal_(lora.lora_B, std=0.05)
     w0 = model.embed.weight.detach().clone()
+    y, merged = _trained_and_folded(adapted, args)
     with torch.no_grad():
-        y = adapted(*args)
-        merged = lora_fx.fold(adapted)
-        torch.testing.assert_close(merged(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
         assert merged.get_parameter("lm_head.weight") is not merged.get_parameter("embed.weight")
         assert torch.equal(merged.get_parameter("embed.weight"), w0)
     if Z.onnx_available() is None:
@@ -242,14 +249,9 @@ def test_tied_weights_under_export_name_the_untie_that_works():
     assert "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())" in str(info.value)
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # what the message says
     adapted = lora_fx.adapt(model, lora_fx.Rule(name="lm_head"), example_inputs=args, frontend="export")
-    for lora in adapted.lora_fx.values():
-        nn.init.normal_(lora.lora_B, std=0.05)
     w0 = model.embed.weight.detach().clone()
-    with torch.no_grad():
-        y = adapted(*args)
-        merged = lora_fx.fold(adapted)
-        torch.testing.assert_close(merged(*args), y, rtol=0, atol=1e-5 * y.abs().max().item())
-        assert torch.equal(merged.embed.weight, w0) and not torch.equal(merged.lm_head.weight, w0)
+    _, merged = _trained_and_folded(adapted, args)
+    assert torch.equal(merged.embed.weight, w0) and not torch.equal(merged.lm_head.weight, w0)
 
 
 class TiedByUse(nn.Module):
