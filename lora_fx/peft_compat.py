@@ -185,10 +185,27 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dic
     return config, modules
 
 
+def _refuse_tied(model: nn.Module, modules: dict[str, Any], where: str) -> None:
+    """A LoRA on a weight the model shares with another module (an lm_head tied to the embedding) cannot be folded
+    without changing the other one too; say so, and how to untie, before tracing hides it behind other errors."""
+    from lora_fx.plan import tied_weights
+
+    tied = tied_weights(model)
+    for module in modules:
+        twins = tied.get(f"{module}.weight")
+        if twins:
+            leaf = f"model.{module}.weight"
+            raise AdapterFileError(f"the PEFT adapter has a LoRA on {module}, whose weight this model shares with "
+                                   f"{twins}: folding it would change {twins} too", where=where,
+                                   fix=f"untie them in the model first: {leaf} = nn.Parameter({leaf}.detach().clone())"
+                                       f" (and model.config.tie_word_embeddings = False for a transformers model), "
+                                       f"then load the adapter")
+
+
 def _check_base_weights(model: nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
     """Base weights PEFT saved beside the LoRA (save_embedding_layers) must be the model's own: lora_fx loads the
     LoRA onto the model as it is, so a resized or retrained embedding would silently not be there."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     for name, t in saved.items():
         own = params.get(name)
         if own is None or own.shape != t.shape or not torch.equal(own.detach().cpu().to(t.dtype), t):
@@ -221,6 +238,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | os.PathLike, *, example_
 
     config, modules = read_peft_adapter(peft_dir)
     full = config.pop("lora_fx_modules_to_save")
+    _refuse_tied(model, modules, str(peft_dir))
     _check_base_weights(model, config.pop("lora_fx_base_weights"), str(peft_dir))
     parameters = _resolve_parameters(model, config, modules, str(peft_dir))  # file path -> (weight, num_experts)
     rules = []

@@ -464,3 +464,22 @@ def test_modules_to_save_naming_a_parent_or_a_suffix_load_as_in_peft(tmp_path, s
     adapted = load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
     torch.testing.assert_close(logits(adapted), logits(pm), atol=ATOL, rtol=0)
     assert not torch.allclose(logits(adapted), logits(pristine), atol=1e-3)
+
+
+def test_a_lora_on_a_tied_weight_is_refused_with_the_untie_that_loads_it(tmp_path):
+    """An lm_head tied to the embedding: the refusal says so and how to untie (it said "no rule matched" or "load it
+    onto the model it was trained on"); untied as it says, the adapter loads with PEFT's outputs."""
+    def tied_llama():
+        model = llama()
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+        return model
+
+    pm, pristine = peft_saved(tmp_path, tied_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    with pytest.raises(AdapterFileError, match="shares with .*embed_tokens") as info:
+        load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    assert "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())" in str(info.value)
+    pristine.lm_head.weight = torch.nn.Parameter(pristine.lm_head.weight.detach().clone())  # as the message says
+    pristine.config.tie_word_embeddings = False
+    adapted = load_peft_adapter(pristine, tmp_path / "peft", **export_adapt_kwargs())
+    torch.testing.assert_close(logits(adapted), logits(pm), atol=ATOL, rtol=0)
