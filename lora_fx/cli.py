@@ -657,7 +657,16 @@ def cmd_fold_onnx(args: argparse.Namespace) -> int:
                                 "--out merged.onnx") from e
         raise CliError(f"the ONNX-level fold needs {e.name!r}, which is not installed",
                        hint=f"pip install {e.name}") from e
-    report = fold_onnx(args.unmerged, args.out)
+    out = pathlib.Path(args.out)
+    _check_outputs(out, None)
+    with tempfile.TemporaryDirectory(prefix=".lora-fx-", dir=out.parent) as staging:
+        # folded beside, moved into place unless there was nothing to fold: a failed call writes no file
+        staged = pathlib.Path(staging) / out.name
+        report = fold_onnx(args.unmerged, staged)
+        if report.folded or report.rejected:
+            for f in sorted(pathlib.Path(staging).iterdir(), key=lambda f: f == staged):  # the .onnx last
+                os.replace(f, out.parent / f.name)
+    report.path = str(out) if report.folded or report.rejected else None
     print(report)
     identical = True
     if args.base:
@@ -667,7 +676,7 @@ def cmd_fold_onnx(args: argparse.Namespace) -> int:
         print(verify)
         identical = verify.identical
     if report.folded == 0 and not report.rejected:
-        raise CliError(f"{args.unmerged} has no LoRA branch to fold (the output is a copy)",
+        raise CliError(f"{args.unmerged} has no LoRA branch to fold (nothing was written)",
                        hint="give the export of the UNMERGED adapted model (what lora_fx.adapt returned, before "
                             "lora_fx.fold)")
     if report.rejected:

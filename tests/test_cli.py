@@ -337,6 +337,7 @@ def test_fold_onnx_bad_inputs(capsys, files, tmp_path, monkeypatch):
     code, _, err = run(capsys, "fold-onnx", files / "base.onnx", "--out", out_path)  # nothing to fold
     assert code == EXIT_FAILED
     assert_error(err, "has no LoRA branch to fold", "UNMERGED")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a failed call writes nothing (it wrote a copy)
     code, _, err = run(capsys, "fold-onnx", files / "unmerged.onnx")
     assert code == EXIT_USAGE
     monkeypatch.setitem(sys.modules, "lora_fx.onnx.fold", None)  # an installation without the ONNX fold
