@@ -423,7 +423,7 @@ def save_pretrained_files(adapted: nn.Module, directory: str | os.PathLike) -> P
 def _ours_or_absent(file: Path) -> bool:
     """Whether `file` is missing or a trainable-state file lora_fx wrote (its safetensors metadata says so)."""
     if not file.exists():
-        return False if file.is_symlink() else True
+        return not file.is_symlink()  # a link to nothing is not ours to replace
     try:
         with safetensors.safe_open(str(file), framework="pt") as f:
             return (f.metadata() or {}).get(TRAINER_MARK) == "1"

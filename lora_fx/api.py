@@ -349,15 +349,27 @@ def disable_adapters(adapted: nn.Module):
     disable_adapter does."""
     owner, state = adapted_state(adapted, what="disable the adapters of")
     before = active_adapters(adapted)
-    user = adapted_model.user_model(owner)
-    originals = {f"{m}.{n}": p for m in state.modules_to_save for n, p in user.get_submodule(m).named_parameters()}
-    trained = quantize.swap_parameters(owner, originals)
+    originals = {}
+    if state.modules_to_save and not isinstance(owner, fx.GraphModule):
+        user = adapted_model.user_model(owner)
+        originals = {f"{m}.{n}": p for m in state.modules_to_save for n, p in user.get_submodule(m).named_parameters()}
+    trained = _swap_parameters(owner, originals)
     set_adapter(adapted, None)
     try:
         yield adapted
     finally:
-        quantize.swap_parameters(owner, trained)
+        _swap_parameters(owner, trained)
         set_adapter(adapted, before)
+
+
+def _swap_parameters(owner: nn.Module, values: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Put `values` in place of the adapted model's parameters of those names, in it and in its captured graphs
+    (not in the user's model); returns the parameters they replaced, to swap back."""
+    replaced = {name: owner.get_parameter(name) for name in values}
+    for root in {id(m): m for m in [owner, *_graphs(owner)]}.values():
+        for name, value in values.items():
+            quantize.replace_parameter(root, name, value)
+    return replaced
 
 
 def merge_adapter(adapted: nn.Module, name: str = DEFAULT, *, keep_original: bool = True) -> None:

@@ -386,20 +386,10 @@ def _set_weights(owner: nn.Module, weights: dict[str, nn.Parameter]) -> None:
     roots = [owner, adapted_model.user_model(owner), *_graphs(owner)]
     for root in {id(m): m for m in roots}.values():
         for name, value in weights.items():
-            _replace_parameter(root, name, value)
+            replace_parameter(root, name, value)
 
 
-def swap_parameters(owner: nn.Module, values: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
-    """Put `values` in place of the adapted model's parameters of those names, in it and in its captured graphs
-    (not in the user's model); returns the parameters they replaced, to swap back."""
-    replaced = {name: owner.get_parameter(name) for name in values}
-    for root in {id(m): m for m in [owner, *_graphs(owner)]}.values():
-        for name, value in values.items():
-            _replace_parameter(root, name, value)
-    return replaced
-
-
-def _replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
+def replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
     """root's parameter `name` becomes `value`, where root has it (a graph may not read every weight)."""
     path, _, leaf = name.rpartition(".")
     try:
@@ -480,7 +470,7 @@ def finish_graph(gm: torch.fx.GraphModule, owner: nn.Module, state: LoraState, s
     it gets the quantized one."""
     if state.quantized:
         for name in state.quantized:
-            _replace_parameter(gm, name, owner.get_parameter(name))
+            replace_parameter(gm, name, owner.get_parameter(name))
         keys = {name: r.key for name, r in state.quantized.items()}
         quantize_pass.rewrite(gm, sites, keys, getattr(owner, quantize_pass.CONTAINER))
 
