@@ -363,12 +363,12 @@ def disable_adapters(adapted: nn.Module):
 
 
 def _swap_parameters(owner: nn.Module, values: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
-    """Put `values` in place of the adapted model's parameters of those names, in it and in its captured graphs
-    (not in the user's model); returns the parameters they replaced, to swap back."""
+    """Put `values` in place of the adapted model's parameters of those names (in it and its captured graphs, not in
+    the user's model); returns the parameters they replaced, to swap back."""
+    if not values:  # nothing trained in full (or a bare graph, which holds no captured graphs)
+        return {}
     replaced = {name: owner.get_parameter(name) for name in values}
-    for root in {id(m): m for m in [owner, *_graphs(owner)]}.values():
-        for name, value in values.items():
-            quantize.replace_parameter(root, name, value)
+    quantize.set_weights(owner, values, in_user_model=False)
     return replaced
 
 

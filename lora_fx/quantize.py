@@ -249,7 +249,7 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
                                         lora_compute, lora_init)
     starts = _loftq_starts(owner, state, new_weights, container, records) if lora_init == "loftq" else {}
 
-    _set_weights(owner, new_weights)  # NF4: the weight itself is replaced, in the module that owns it
+    set_weights(owner, new_weights)  # NF4: the weight itself is replaced, in the module that owns it
     owner.add_module(quantize_pass.CONTAINER, container)
     if kind == "fp8":
         owner.register_load_state_dict_post_hook(follow_loaded_weights)
@@ -379,17 +379,18 @@ def _lora_weights(owner: nn.Module, state: LoraState) -> set[str]:
     return {lora.weight_name for lora in _lora_branches(owner, state)}
 
 
-def _set_weights(owner: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+def set_weights(owner: nn.Module, weights: dict[str, nn.Parameter], *, in_user_model: bool = True) -> None:
     """Replace weights in the modules that own them (shared by the user's model, the adapted model, its clones), and
     in every captured graph: torch.fx gives a parameter read outside a leaf module (F.linear(x, self.w), x @ W.T)
-    its own holder module in the GraphModule."""
-    roots = [owner, adapted_model.user_model(owner), *_graphs(owner)]
+    its own holder module in the GraphModule. in_user_model=False leaves the user's model as it is (weights the
+    adapted model holds its own copies of: modules trained in full)."""
+    roots = [owner, *([adapted_model.user_model(owner)] if in_user_model else []), *_graphs(owner)]
     for root in {id(m): m for m in roots}.values():
         for name, value in weights.items():
-            replace_parameter(root, name, value)
+            _replace_parameter(root, name, value)
 
 
-def replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
+def _replace_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
     """root's parameter `name` becomes `value`, where root has it (a graph may not read every weight)."""
     path, _, leaf = name.rpartition(".")
     try:
@@ -470,7 +471,7 @@ def finish_graph(gm: torch.fx.GraphModule, owner: nn.Module, state: LoraState, s
     it gets the quantized one."""
     if state.quantized:
         for name in state.quantized:
-            replace_parameter(gm, name, owner.get_parameter(name))
+            _replace_parameter(gm, name, owner.get_parameter(name))
         keys = {name: r.key for name, r in state.quantized.items()}
         quantize_pass.rewrite(gm, sites, keys, getattr(owner, quantize_pass.CONTAINER))
 
@@ -481,12 +482,12 @@ def traceable(owner: nn.Module, state: LoraState) -> Iterator[None]:
     graph only needs the weight's shape, dtype and device (the quantize-base pass routes it afterwards). The
     stand-in is a zero broadcast to the weight's shape: no memory."""
     nf4_weights = {name: owner.get_parameter(name) for name, r in state.quantized.items() if r.kind == "nf4"}
-    _set_weights(owner, {name: nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape),
+    set_weights(owner, {name: nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape),
                                             requires_grad=False) for name, w in nf4_weights.items()})
     try:
         yield
     finally:
-        _set_weights(owner, nf4_weights)
+        set_weights(owner, nf4_weights)
 
 
 # ---------------------------------------------------------------------------------------------------- fold
