@@ -220,11 +220,13 @@ class LoraEmbedding(nn.Module):
         nn.init.normal_(self.lora_A)  # PEFT's embedding init: A normal, B zero (kaiming on ids makes no sense)
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The branch for `ids`; in the dtype of `like` (the table's output) when given, as PEFT's Embedding."""
+        dtype = self.lora_B.dtype if like is None else like.dtype
         if not self.enabled:
-            return self.lora_B.new_zeros(*ids.shape, self.out_features)
+            return self.lora_B.new_zeros(*ids.shape, self.out_features, dtype=dtype)
         rows = F.embedding(ids, self.lora_A.T, padding_idx=self.padding_idx)
-        return (rows @ self.lora_B.T) * self.scaling
+        return ((rows @ self.lora_B.T) * self.scaling).to(dtype)
 
     @property
     def output_features(self) -> int:

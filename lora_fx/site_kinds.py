@@ -92,6 +92,12 @@ def _expert_inputs(site: Site, node) -> tuple[tuple, dict]:
     return (selector(node, site),), {"form": site.param("form")}
 
 
+def _embedding_inputs(site: Site, node) -> tuple[tuple, dict]:
+    """The table's output, so the branch adds in its dtype (ids carry none; an fp32 LoRA beside a bf16 table
+    would otherwise turn every activation after it to fp32)."""
+    return (), {"like": node}
+
+
 def _check_conv(site: Site) -> str | None:
     if site.param("groups", 1) != 1:
         return (f"a grouped convolution (groups={site.param('groups')}): B∘A of one LoRA is not block-diagonal, so "
@@ -114,7 +120,8 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in [
     SiteKind("conv", ("conv",), match_conv, LoraConv, _conv, _check_conv, implicit=False, peft_types=("Conv1d", "Conv2d"),
              peft_keys=("lora_A", "lora_B"), onnx_foldable=False),
     SiteKind("embedding", ("embedding",), match_embedding, LoraEmbedding, _embedding, _check_embedding, implicit=False,
-             peft_types=("Embedding",), peft_keys=("lora_embedding_A", "lora_embedding_B"), onnx_foldable=False),
+             peft_types=("Embedding",), peft_keys=("lora_embedding_A", "lora_embedding_B"), onnx_foldable=False,
+             branch_inputs=_embedding_inputs),
     SiteKind("experts", ("grouped", "x_first", "w_first"), match_experts, LoraExperts, _experts, lambda site: None,
              implicit=True, peft_types=(), peft_keys=("lora_A", "lora_B"), onnx_foldable=False,
              branch_inputs=_expert_inputs),

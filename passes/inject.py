@@ -117,8 +117,9 @@ def inject(gm: fx.GraphModule, adapter: str, container: nn.ModuleDict,
             branch = gm.graph.call_module(f"{container_name(adapter)}.{key}", (x, *extra), kwargs)
         with gm.graph.inserting_after(branch):
             add = gm.graph.call_function(operator.add, (base, branch))
-        base.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
         branch.meta["lora_fx"], add.meta["lora_fx"] = (BRANCH, adapter, key), (ADD, adapter, key)
+        # every branch (this one, and another adapter's) may read the base output itself, e.g. for its dtype
+        base.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add and not _is_branch(user))
         for n in (branch, add):  # keep the provenance torch.export and the ONNX exporter read
             for k in ("nn_module_stack", "stack_trace"):
                 if k in base.meta:
@@ -128,6 +129,10 @@ def inject(gm: fx.GraphModule, adapter: str, container: nn.ModuleDict,
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(where), [f"{adapter}: {key} at {site.node}" for site, key in where])
+
+
+def _is_branch(node: fx.Node) -> bool:
+    return (node.meta.get("lora_fx") or (None,))[0] == BRANCH
 
 
 def check_adapter_name(adapter: str, taken: dict) -> None:

@@ -111,6 +111,25 @@ def test_kind_end_to_end(tmp_path, case, frontend):
     assert torch.equal(_out(again, args), y)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_embedding_branch_adds_in_the_tables_dtype(frontend):
+    """A bf16 model keeps fp32 LoRA weights (site_kinds._lora_dtype); the embedding branch must still hand bf16 to
+    the next linear (ids carry no dtype to cast back to) and train through it, with two adapters stacked."""
+    model, args = embedder()
+    model = model.to(torch.bfloat16)
+    adapted = lora_fx.adapt(model, [Rule(op="embedding", r=4)], example_inputs=args, frontend=frontend)
+    lora_fx.add_adapter(adapted, "second", [Rule(op="embedding", r=2)])
+    branches = [*adapted.lora_fx.values(), *adapted.lora_fx_second.values()]
+    assert len(branches) == 4 and {l.lora_A.dtype for l in branches} == {torch.float32}
+    out = adapted(*args)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, _out(model, args))  # B = 0 for both adapters
+    out.float().square().mean().backward()
+    assert all(l.lora_B.grad is not None and l.lora_B.grad.abs().sum() > 0 for l in branches)
+    merged = lora_fx.fold(adapted)
+    assert merged(*args).dtype == torch.bfloat16
+
+
 def test_rules_none_adapts_only_linear_sites_and_plan_says_why():
     model, args = conv_net()
     plan = lora_fx.plan(model, example_inputs=args)
