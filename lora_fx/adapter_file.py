@@ -44,7 +44,8 @@ from lora_fx.errors import AdapterFileError, LoraFxError, RuleError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.peft_config import PEFT_WEIGHTS
 from lora_fx.rollback import unchanged_on_error
-from lora_fx.site_kinds import kind_of
+from lora_fx.site import IN_OUT, OUT_IN
+from lora_fx.site_kinds import KINDS, kind_of
 from lora_fx.state import DEFAULT, adapter_container
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -488,10 +489,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         if not (isinstance(kernel, list) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0
                                                   for k in kernel)):
             problems.append(f"{w}: kernel_size={kernel!r} is not a list of positive ints")
-        rows = s.get("rows") or []
-        if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in r) and 0 <= r[0] < r[1] for r in rows)):
-            problems.append(f"{w}: rows={rows!r} is not a list of [start, end] row ranges")
+        for key in ("rows", "site_rows"):
+            rows = s.get(key) or []
+            if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
+                    _is_int(i) for i in r) and 0 <= r[0] < r[1] for r in rows)):
+                problems.append(f"{w}: {key}={rows!r} is not a list of [start, end] row ranges")
+        problems += [f"{w}: {p}" for p in _field_problems(s)]
     if config.get("quantized_base") is not None:
         problems += quantize.record_problems(config["quantized_base"])
     if problems:
@@ -571,6 +574,33 @@ def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory:
         warnings.warn(f"the adapter in {directory} was trained against {trained}, this model has {here}: its "
                       f"outputs differ from the trained model's by the quantization error; lora_fx.adapt_from_adapter"
                       f" rebuilds the base it was trained against", UserWarning, stacklevel=3)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_problems(s: dict) -> list[str]:
+    """What is wrong with the optional per-weight fields a load reads (beyond r/alpha/shapes, checked above)."""
+    problems = []
+    dropout = s.get("dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+                                    and 0 <= dropout < 1):
+        problems.append(f"dropout={dropout!r} is not a probability in [0, 1)")
+    if s.get("weight") is not None and not (isinstance(s["weight"], str) and s["weight"]):
+        problems.append(f"weight={s['weight']!r} is not a parameter name")
+    role = s.get("role")
+    if role is not None and not (isinstance(role, str) and role or isinstance(role, list) and role
+                                 and all(isinstance(r, str) and r for r in role)):
+        problems.append(f"role={role!r} is not a role name or a list of them")
+    experts = s.get("num_experts")
+    if experts is not None and not (_is_int(experts) and experts > 0):
+        problems.append(f"num_experts={experts!r} is not a positive int")
+    if s.get("layout", OUT_IN) not in (OUT_IN, IN_OUT):
+        problems.append(f"layout={s.get('layout')!r} is not {OUT_IN!r} or {IN_OUT!r}")
+    if s.get("kind", "linear") not in KINDS:
+        problems.append(f"kind={s.get('kind')!r} is not one of {sorted(KINDS)}")
+    return problems
 
 
 def _split_full(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -5,6 +5,7 @@ What each case checks: tests/bad_inputs.py.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +72,28 @@ def test_corrupt_config_file(adapted, saved, tmp_path, text, words):
     on_disk, before = files(tmp_path), state(adapted)
     expect(lora_fx.AdapterFileError, lambda: lora_fx.load_adapter(adapted, saved[0]), "adapter_config.json", *words)
     assert_unchanged(adapted, before)
+    assert files(tmp_path) == on_disk
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dropout", 1.5), ("dropout", "high"), ("weight", 3), ("role", {"q": 1}), ("role", [1]), ("site_rows", "all"),
+    ("site_rows", [[4, 2]]), ("num_experts", -2), ("num_experts", True), ("layout", "sideways"), ("kind", "attention"),
+])
+@pytest.mark.parametrize("call", ["load_adapter", "adapt_from_adapter"])
+def test_config_field_of_the_wrong_kind(eval_mlp, adapted, saved, tmp_path, field, value, call):
+    """A hand-edited per-weight field is named with the weight it belongs to, before anything is built or loaded."""
+    path = saved[0] / "adapter_config.json"
+    config = json.loads(path.read_text())
+    first = next(iter(config["weights"]))
+    config["weights"][first][field] = value
+    path.write_text(json.dumps(config))
+    model, args = eval_mlp
+    target = adapted if call == "load_adapter" else model
+    on_disk, before = files(tmp_path), state(target)
+    run = (lambda: lora_fx.load_adapter(adapted, saved[0])) if call == "load_adapter" else \
+        (lambda: lora_fx.adapt_from_adapter(model, saved[0], example_inputs=args))
+    expect(lora_fx.AdapterFileError, run, "adapter_config.json", "malformed", f"{first}: {field}=")
+    assert_unchanged(target, before)
     assert files(tmp_path) == on_disk
 
 
