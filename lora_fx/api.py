@@ -35,7 +35,7 @@ from lora_fx.passes import inject as inject_pass
 from lora_fx.passes.capture import call_key
 from lora_fx.passes.causal_attention import use_causal_attention
 from lora_fx.passes.infra import dtensor_type, graph_signature, set_parameter_copy_on_write
-from lora_fx.passes.match import find_sites
+from lora_fx.passes.match import control_flow_weights, find_sites
 from lora_fx.passes.roles import with_roles
 from lora_fx.passes.split_layers import LayerView, split_layers as split_pass
 from lora_fx.passes.trace import trace, trace_call
@@ -134,7 +134,9 @@ def adapt_model(model: nn.Module, rules: Any, *, example_inputs: tuple | None = 
         gm = traced.graph_module
         sites = _analyse(gm, core, example_inputs, example_kwargs)
         decisions = _decide(model, sites, rules, defaults, traced.frontend, untie=untie, fit_rank=fit_rank, full=full)
-        _check_decisions(model, rules, sites, decisions, strict)
+        seen = {s.weight for s in sites}
+        hidden = {w: op for w, op in control_flow_weights(gm).items() if w not in seen}
+        _check_decisions(model, rules, sites, decisions, strict, hidden)
 
         state = LoraState(traced.frontend, graph_signature(gm.graph), sites, decisions, modules_to_save=full)
         state.rules[DEFAULT], state.defaults[DEFAULT] = rules, defaults
@@ -217,27 +219,65 @@ def capture_call(adapted: nn.Module, arguments: dict[str, Any]) -> adapted_model
         with quantize.traceable(adapted, adapted.__dict__[STATE_KEY]):
             core = adapted_model.core(adapted)  # made here: a copy of the model's own tensors, stand-ins included
             gm, spec = trace_call(core, arguments, calls.frontend, calls.trace_options)
-        entry = _finish_graph(adapted, gm, spec, find_sites(gm, core))
+        sites = find_sites(gm, core)
+        entry = _finish_graph(adapted, gm, spec, sites)
+    _warn_of_sites_without_lora(adapted, sites, arguments)
     entry.arguments, entry.training = arguments, adapted.training
     calls.captures += 1
     log.info("lora_fx: captured %s call %s (%d graphs)", type(adapted).__name__, sorted(arguments), calls.captures)
     return entry
 
 
+def _warn_of_sites_without_lora(adapted: nn.Module, sites: list, arguments: dict[str, Any]) -> None:
+    """A later call may read weights the example call never did (another branch, other keyword arguments). LoRA
+    modules are made once, at adapt, so that an optimizer built then holds them all: a weight first read here gets
+    none even where an adapter's rules select it. Say so instead of training without it."""
+    state: LoraState = adapted.__dict__[STATE_KEY]
+    known = {s.weight for s in state.sites}
+    new = [s for s in sites if s.weight not in known]
+    for name in state.adapters:
+        if not new or name not in state.rules:
+            continue
+        decisions = apply_policies(decide(new, state.rules[name], state.defaults[name]), tied={},
+                                   rules_given=state.rules[name] is not None, untie=False, frontend=state.frontend)
+        missed = sorted({d.site.weight for d in decisions if d.adapted})
+        if missed:
+            warn(f"lora_fx: this call ({sorted(arguments)}) reads weights the example call at adapt did not: "
+                 f"{missed[:10]}{' ...' if len(missed) > 10 else ''}. Adapter {name!r}'s rules select them, but "
+                 f"they have no LoRA (LoRA modules are made at adapt, from the example call), so here they run "
+                 f"as the frozen base. Fix: give lora_fx.adapt example_inputs/example_kwargs that reach them, or "
+                 f"exclude them with Rule(name=..., exclude=True) to silence this.")
+
+
 def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, decisions: list[Decision],
-                     strict: bool) -> None:
-    """Refuse a plan that adapts nothing; warn (strict: raise) about rules that decide nothing or get a capped r."""
+                     strict: bool, hidden: dict[str, str] | None = None) -> None:
+    """Refuse a plan that adapts nothing; warn (strict: raise) about rules that decide nothing or get a capped r,
+    and about weights only control flow reads (`hidden`: {weight: op}, which no pass rewrites)."""
+    hidden = hidden or {}
+    inside = (f"{len(hidden)} weight(s) are read only inside control flow ({sorted(set(hidden.values()))}), whose "
+              f"subgraphs lora_fx does not rewrite: {sorted(hidden)[:10]}")
+    inside_fix = ("compute the branches outside the control flow (both, then torch.where on the condition) so their "
+                  "linears are in the graph, or adapt the layers outside it")
     if not any(d.adapted for d in decisions):
         candidates = [s.name for s in sites]
         if not sites:
-            raise NoSitesError("the model has no linear-like site (nn.Linear, F.linear, matmul on a parameter)",
-                               where=type(model).__name__,
-                               fix="check that the layers are not hidden in leaf modules (open_modules=[...]) "
-                                   "or try frontend='export'")
+            raise NoSitesError(
+                "the model has no linear-like site (nn.Linear, F.linear, matmul on a parameter)"
+                + (f": {inside}" if hidden else ""), where=type(model).__name__,
+                fix=inside_fix if hidden else "check that the layers are not hidden in leaf modules "
+                                              "(open_modules=[...]) or try frontend='export'")
+        chosen = ", ".join(r.describe() for r in rules) if rules else "rules=None (every linear-like site)"
+        refused = [d for d in decisions if d.refusal]
+        if refused:
+            raise NoSitesError(
+                f"the rules select {len(refused)} site(s), but none can take a LoRA: "
+                + "; ".join(f"{d.site.name}: {d.refusal}" for d in refused[:5]) + (" ..." if len(refused) > 5 else ""),
+                where=chosen, fix="select other sites (lora_fx.plan lists every candidate with the reason it is "
+                                  "left out)")
         raise NoSitesError(
             f"no rule matched any of the {len(sites)} candidate sites: {candidates[:20]}"
-            + (" ..." if len(candidates) > 20 else ""),
-            where=", ".join(r.describe() for r in rules or []),
+            + (" ..." if len(candidates) > 20 else "") + (f"; {inside}" if hidden else ""),
+            where=chosen,
             fix="change the rules to name one of the candidates above (lora_fx.plan lists them with reasons)")
     problems = [(f"rules[{i}]", f"rule {i} {rules[i].describe()} decides no site: {explain_unused(rules[i], sites)}",
                  "fix or remove the rule (lora_fx.plan lists the sites)") for i in unused_rules(rules, decisions)]
@@ -257,6 +297,8 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
                                                f"without: " + "; ".join(f"{d.site.name}: {d.refusal}"
                                                                        for d in refused[:5]),
                          "exclude them with an earlier Rule(..., exclude=True), or select other sites"))
+    if hidden:
+        problems.append((sorted(hidden)[0], f"{inside}; they get no LoRA", inside_fix))
     for where, message, fix in problems:
         if strict:
             raise RuleError(message, where=where, fix=fix)

@@ -343,6 +343,35 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> list[Site]
     return _with_other_readers(gm, sites, weight_args)
 
 
+def control_flow_weights(gm: fx.GraphModule) -> dict[str, str]:
+    """{parameter name: the control-flow op} for weights (2-D or more) read only inside the subgraphs of a
+    higher-order op (torch.cond's branches, while_loop, map, scan). Those subgraphs are not matched or rewritten,
+    so their weights cannot take a LoRA: the caller says so instead of leaving them out silently."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for arg in _flat(node):
+            if arg.op == "get_attr":
+                value = _attr(gm, arg.target)
+                if isinstance(value, nn.Parameter) and value.dim() >= 2:
+                    out[arg.target] = f"torch.{node.target.name()}"
+    return out
+
+
+def _flat(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return None
+
+
 _METADATA_METHODS = ("size", "dim", "numel", "stride", "is_contiguous")
 _METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda")
 

@@ -62,3 +62,49 @@ def test_model_in_train_mode_with_a_mode_dependent_forward():
     assert not any(p.requires_grad for p in model.parameters())  # adapt went through (and froze the base)
 
 
+
+
+class Branches(nn.Module):
+    """torch.cond: torch.export keeps each branch as a subgraph, which no pass matches or rewrites."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2) if head else nn.Identity()
+
+    def forward(self, x):
+        return self.head(torch.cond(x.sum() > 0, lambda t: self.a(t), lambda t: self.b(t), (x,)))
+
+
+def test_layers_inside_torch_cond_are_named_not_silently_left_out():
+    x = torch.randn(2, 4)
+    only_branches = Branches(head=False)
+    before = state(only_branches)
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(only_branches, example_inputs=(x,)),
+           "read only inside control flow", "torch.cond", "a.weight", "b.weight", "torch.where")
+    assert_unchanged(only_branches, before)
+    with_head = Branches(head=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = lora_fx.adapt(with_head, example_inputs=(x,))
+    assert [l.weight_name for l in adapted.lora_fx.values()] == ["head.weight"]
+    assert any("['a.weight', 'b.weight']; they get no LoRA" in str(w.message) for w in caught), caught
+    expect(lora_fx.RuleError, lambda: lora_fx.adapt(Branches(head=True), example_inputs=(x,), strict=True),
+           "torch.cond", "a.weight")
+
+
+def test_rules_that_select_only_sites_that_cannot_take_a_lora():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.grouped = nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2)
+
+        def forward(self, x):
+            return self.fc(self.grouped(x[..., None, None]).flatten(1))
+
+    model = Grouped()
+    before = state(model)
+    expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(model, [lora_fx.Rule(op="conv")],
+                                                       example_inputs=(torch.randn(2, 4),)),
+           "the rules select 1 site(s), but none can take a LoRA", "grouped: a grouped convolution", "Rule(op='conv')")
+    assert_unchanged(model, before)

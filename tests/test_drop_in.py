@@ -135,6 +135,37 @@ def test_a_call_the_graphs_cannot_take_is_a_clear_error():
     assert lora_fx.capture_info(module_sites_only)["fallbacks"] == 1
 
 
+class WithOptionalLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_extra: bool = False):
+        h = self.a(x)
+        return self.extra(h) if use_extra else h
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_a_call_reaching_layers_the_example_did_not_says_they_have_no_lora(frontend):
+    """LoRA modules are made at adapt from the example call: a later call that reads other weights the rules select
+    runs them as the frozen base, and says so (once per captured graph) instead of training without them."""
+    x = torch.randn(2, 4)
+    adapted = lora_fx.adapt(WithOptionalLayer(), example_inputs=(x,), frontend=frontend)
+    with pytest.warns(UserWarning, match=r"reads weights the example call at adapt did not: \['extra.weight'\]"):
+        adapted(x, use_extra=True)
+    excluded = lora_fx.adapt(WithOptionalLayer(), [Rule(name="extra", exclude=True), Rule(r=2)], example_inputs=(x,),
+                             frontend=frontend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        excluded(x, use_extra=True)  # no rule selects extra: nothing to say
+    reached = lora_fx.adapt(WithOptionalLayer(), example_inputs=(x,), example_kwargs={"use_extra": True},
+                            frontend=frontend)
+    assert sorted(l.weight_name for l in reached.lora_fx.values()) == ["a.weight", "extra.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reached(x)
+
+
 # ------------------------------------------------------------------------------------------------ generate
 def test_generate_uses_the_lora_with_a_kv_cache_and_matches_peft():
     adapted, pm, base = pair()
