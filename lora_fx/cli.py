@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import importlib
 import inspect
+import json
 import os
 import pathlib
 import shutil
@@ -503,6 +504,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+def _is_peft_folder(adapter: pathlib.Path) -> bool:
+    """PEFT's save_pretrained wrote it: its weights (safetensors or the pickle the loader refuses, with the reason)
+    or a config with peft_type. lora_fx's own folders have neither."""
+    from lora_fx.peft_config import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+
+    if (adapter / PEFT_WEIGHTS).is_file() or (adapter / PEFT_WEIGHTS_BIN).exists():
+        return True
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "peft_type" in config
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -521,9 +536,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _need_inputs(loaded, "export")
     _info(f"model: {loaded.description}; example inputs: {_describe_inputs(loaded)}")
     kwargs = loaded.kwargs or None
-    from lora_fx.peft_config import PEFT_WEIGHTS
-
-    if (adapter / PEFT_WEIGHTS).is_file():
+    if _is_peft_folder(adapter):
         from lora_fx.peft_compat import load_peft_adapter
 
         adapted = load_peft_adapter(loaded.model, adapter, example_inputs=loaded.args, example_kwargs=kwargs,

@@ -264,6 +264,16 @@ def test_export_from_a_peft_folder(capsys, files, tmp_path):
                          "--parity")
     assert code == EXIT_OK, err
     assert "PEFT adapter" in err and "ONNX structure: IDENTICAL" in out and "parity: OK" in out
+    # the same folder saved as a pickle (PEFT's safe_serialization=False) is refused as one, with how to re-save it
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    (tmp_path / "peft" / "adapter_model.safetensors").unlink()
+    torch.save(weights, tmp_path / "peft" / "adapter_model.bin")
+    code, out, err = run(capsys, "export", FACTORY, "--adapter", tmp_path / "peft", "--out", tmp_path / "p.onnx")
+    assert code == EXIT_FAILED
+    assert_error(err, "adapter_model.safetensors is missing", "pickle", "safe_serialization=True")
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_export_bad_inputs(capsys, files, tmp_path):
