@@ -13,9 +13,9 @@ transposed for GPT-2's Conv1D (fan_in_fan_out), s = alpha / r or alpha / sqrt(r)
 The LoRA modules come from the tensor names (PEFT saves exactly the modules it adapted), their r from the tensor
 shapes checked against r / rank_pattern, their alpha from lora_alpha / alpha_pattern with PEFT's own matching
 (first key k with re.match(rf"(.*\\.)?({k})$", module name)); each module must be one the config's target_modules /
-exclude_modules / layers_to_transform select (lora_fx.peft_config checks the config itself). Variants that change
-the math or the base weights (DoRA, biases, modules_to_save, PiSSA-style inits, ...) are refused with
-AdapterFileError, never silently dropped.
+exclude_modules / layers_to_transform select (lora_fx.peft_config checks the config itself). modules_to_save come
+back as modules trained in full. Variants that change the math or the base weights (DoRA, biases, PiSSA-style inits,
+trainable token indices, ...) are refused with AdapterFileError, never silently dropped.
 """
 
 from __future__ import annotations
