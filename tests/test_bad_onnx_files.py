@@ -89,3 +89,14 @@ def test_disk_error_while_moving_the_export_into_place(eval_mlp, tmp_path, monke
         assert_unchanged(model, before)
 
 
+
+
+def test_parity_of_a_file_the_provider_has_no_kernel_for(tmp_path):
+    """A float64 export is valid ONNX, but ONNX Runtime's CPU provider has no double Erf (GELU): the error says the
+    dtype is the problem and how to fix it, not that the file is broken."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    path = lora_fx.export_onnx(model, tmp_path / "f64.onnx", (x,))
+    message = expect(lora_fx.InputError, lambda: lora_fx.check_parity(path, model, (x,), device="cpu"),
+                     "no kernel", "Erf", "float32", str(path))
+    assert "truncated" not in message

@@ -236,7 +236,12 @@ def time_session(
 def _session(path: str, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(path, providers=providers)
-    except Exception as err:  # InvalidProtobuf, InvalidGraph, NoSuchFile, ... from onnxruntime
+    except Exception as err:  # InvalidProtobuf, InvalidGraph, NoSuchFile, NotImplemented, ... from onnxruntime
+        if type(err).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in str(err):
+            raise InputError(f"ONNX Runtime has no kernel for an op of this file on {providers}: {err}", where=path,
+                             fix="the file is valid, but these providers do not implement that op for its dtype "
+                                 "(float64 often lacks kernels: Erf, LayerNorm, ...): export the model in float32 "
+                                 "(model.float()) or bfloat16/float16 for the GPU") from err
         raise InputError(f"ONNX Runtime cannot load the file: {type(err).__name__}: {err}", where=path,
                          fix="give a file written by lora_fx.export_onnx (a truncated or non-ONNX file cannot run)"
                          ) from err
