@@ -166,6 +166,10 @@ class Rule:
         if self.layers is not None and not all(_is_int(i) or _is_span(i) for i in self.layers):
             raise _bad("layers", f"layers must be ints, got {sorted(map(repr, self.layers))}", where,
                        'use an int, a range, a list of ints or a "start:stop" string')
+        empty = [i for i in self.layers or () if _is_span(i) and len(i) == 0]
+        if empty:
+            raise _bad("layers", f"layers {_layers_shown(tuple(empty))} hold no layer (start >= stop)", where,
+                       'give start < stop, e.g. layers="2:5" for layers 2, 3 and 4')
         if self.role is not None:
             bad = [x for x in self.role if not isinstance(x, str) or not x]
             if bad or not self.role:

@@ -92,8 +92,11 @@ def check_folded_finite(gm: fx.GraphModule, weights, keep: bool) -> list[tuple[s
             raise FoldError(
                 f"the folded weight {name!r} = W0 + scale·B·A holds NaN or Inf in {dtype}{already}; nothing was folded",
                 where=name,
-                fix=f"W0 + delta exceeds the range of {w0.dtype}: fold a float32 or bfloat16 copy of the model (cast "
-                    f"it before lora_fx.adapt), or the adapter diverged: lower alpha or reload a good adapter")
+                fix=(f"W0 + delta exceeds the range of {w0.dtype}: fold a float32 or bfloat16 copy of the model (cast "
+                     f"it before lora_fx.adapt), or " if w0.dtype in (torch.float16, torch.float8_e4m3fn,
+                                                                     torch.float8_e5m2) else "")
+                    + ("W0 already holds NaN or Inf: load finite base weights" if already else
+                       "the adapter diverged: lower alpha or the learning rate, or reload a good adapter"))
     return kept
 
 

@@ -145,7 +145,7 @@ def test_fold_refuses_a_weight_that_overflows_its_dtype(fp16_overflowing, call):
     before, before_model = state(adapted), state(model)
     fn = {"fold": lambda: lora_fx.fold(adapted), "fold_inplace": lambda: lora_fx.fold(adapted, inplace=True),
           "merge": lambda: lora_fx.merge_adapter(adapted)}[call]
-    expect(lora_fx.FoldError, fn, "fc2.weight", "float16", "NaN or Inf", "nothing was folded")
+    expect(lora_fx.FoldError, fn, "fc2.weight", "float16", "NaN or Inf", "nothing was folded", "float32 or bfloat16 copy")
     assert_unchanged(adapted, before)
     assert_unchanged(model, before_model)
     assert state_of(adapted).merged == []
@@ -295,3 +295,15 @@ def test_a_failed_save_removes_the_parent_folders_it_created(adapted, tmp_path, 
            "saving failed", "No space left")
     monkeypatch.undo()
     assert files(tmp_path) == {}
+
+
+def test_fold_of_a_float32_adapter_that_diverged_says_so():
+    """In float32 nothing a LoRA adds overflows the dtype's range short of divergence: the fix is the adapter, not a
+    wider copy of the model."""
+    torch.manual_seed(0)
+    adapted = lora_fx.adapt(TinyMLP().eval(), example_inputs=(torch.randn(4, 8),), r=4)
+    with torch.no_grad():
+        adapted.lora_fx["fc1"].lora_A.fill_(1e20)  # finite, but B·A = 4e40 is past float32's 3.4e38
+        adapted.lora_fx["fc1"].lora_B.fill_(1e20)
+    message = expect(lora_fx.FoldError, lambda: lora_fx.fold(adapted), "fc1.weight", "float32", "diverged")
+    assert "float32 or bfloat16 copy" not in message

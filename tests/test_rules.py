@@ -184,6 +184,12 @@ def test_layers_as_int_range_list_or_span(model, layers, expected):
     assert "head" not in got and "w_proj" not in got  # sites outside any layer have layer None
 
 
+@pytest.mark.parametrize("layers", ["5:2", "3:3", range(4, 1), ["0:1", "2:2"]])
+def test_an_empty_layer_span_is_an_error_not_a_rule_that_selects_nothing(layers):
+    with pytest.raises(lora_fx.RuleError, match=r"hold no layer \(start >= stop\)"):
+        Rule(layers=layers)
+
+
 def test_selectors_combine_with_and(model):
     assert names(model, [Rule(name="q|v", layers=2, module_type=nn.Linear)]) == {"layers.2.q"}
 
