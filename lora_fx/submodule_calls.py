@@ -35,7 +35,7 @@ class AddLora:
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
         if not self.lora.enabled:
             return None
-        return output + self.lora(inputs[0])
+        return output + self.lora(inputs[0]).to(output.dtype)  # an embedding's ids carry no dtype to follow
 
 
 class GraphOnly:

@@ -126,6 +126,7 @@ def test_embedding_branch_adds_in_the_tables_dtype(frontend):
     assert torch.equal(out, _out(model, args))  # B = 0 for both adapters
     out.float().square().mean().backward()
     assert all(l.lora_B.grad is not None and l.lora_B.grad.abs().sum() > 0 for l in branches)
+    assert adapted.tok(args[0]).dtype == torch.bfloat16  # a direct call of the submodule (a forward hook) too
     merged = lora_fx.fold(adapted)
     assert merged(*args).dtype == torch.bfloat16
 
