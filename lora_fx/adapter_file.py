@@ -489,11 +489,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         if not (isinstance(kernel, list) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0
                                                   for k in kernel)):
             problems.append(f"{w}: kernel_size={kernel!r} is not a list of positive ints")
-        for key in ("rows", "site_rows"):
-            rows = s.get(key) or []
-            if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
-                    _is_int(i) for i in r) and 0 <= r[0] < r[1] for r in rows)):
-                problems.append(f"{w}: {key}={rows!r} is not a list of [start, end] row ranges")
+        rows = s.get("rows") or []
+        if not (isinstance(rows, list) and all(_is_row_range(r) for r in rows)):
+            problems.append(f"{w}: rows={rows!r} is not a list of [start, end] row ranges")
+        if s.get("site_rows") is not None and not _is_row_range(s["site_rows"]):
+            problems.append(f"{w}: site_rows={s['site_rows']!r} is not one [start, end] row range")
         problems += [f"{w}: {p}" for p in _field_problems(s)]
     if config.get("quantized_base") is not None:
         problems += quantize.record_problems(config["quantized_base"])
@@ -578,6 +578,10 @@ def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_row_range(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(i) for i in value) and 0 <= value[0] < value[1]
 
 
 def _field_problems(s: dict) -> list[str]:

@@ -77,7 +77,8 @@ def test_corrupt_config_file(adapted, saved, tmp_path, text, words):
 
 @pytest.mark.parametrize("field, value", [
     ("dropout", 1.5), ("dropout", "high"), ("weight", 3), ("role", {"q": 1}), ("role", [1]), ("site_rows", "all"),
-    ("site_rows", [[4, 2]]), ("num_experts", -2), ("num_experts", True), ("layout", "sideways"), ("kind", "attention"),
+    ("site_rows", [4, 2]), ("site_rows", [[0, 2]]), ("num_experts", -2), ("num_experts", True),
+    ("layout", "sideways"), ("kind", "attention"),
 ])
 @pytest.mark.parametrize("call", ["load_adapter", "adapt_from_adapter"])
 def test_config_field_of_the_wrong_kind(eval_mlp, adapted, saved, tmp_path, field, value, call):
