@@ -307,7 +307,8 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
 
 # ---------------------------------------------------------------------------------------------------- the LoRA
 def lora_parameters(adapted: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:
-    """The LoRA parameters (every A and B) of an adapted model: of one adapter, or of every enabled one."""
+    """The LoRA parameters (every A and B) of an adapted model: of one adapter, or of every enabled one. Modules
+    trained in full (modules_to_save) are not among them: lora_fx.trainable_parameters gives both."""
     owner, state = adapted_state(adapted, what="list the LoRA parameters of")
     for name, container in state.containers(owner).items():
         if adapter is not None and name != adapter:

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    p.add_argument("--eos-id", type=int, default=None, help="stop a sequence at this token")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop a sequence at this token (default: the model's EOS, which the export wrote into the file)")
     p.add_argument("--pad-id", type=int, default=0, help="padding id (left padding, finished sequences)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.set_defaults(run=cmd_generate)
@@ -617,7 +618,7 @@ def _generate_parity(path: pathlib.Path, merged: Any, loaded: Any) -> None:
         raise CliError("--parity with --kv-cache needs token ids as example input", hint="pass --input-ids 2,16")
     want = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                            pad_token_id=0)
-    got = lora_fx.generate_onnx(path, ids, max_new_tokens=8)
+    got = lora_fx.generate_onnx(path, ids, max_new_tokens=8, pad_token_id=0)  # eos: the file's, as generate's
     same = want.shape == got.shape and bool(torch.equal(want, got))
     print(f"generate parity: {'OK' if same else 'FAILED'}: 8 greedy tokens for {ids.shape[0]} prompt(s) "
           f"{'equal' if same else 'differ from'} the folded PyTorch model's generate")

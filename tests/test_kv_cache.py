@@ -161,6 +161,24 @@ def test_eos_stops_a_row_and_pads_it_as_generate_does(llama_files):
         assert got.shape[1] < greedy.shape[1] or (got == 0).any()
 
 
+def test_the_file_stops_at_the_models_own_eos_as_generate_does(tmp_path):
+    """export_onnx(kv_cache=True) writes the model's generation_config eos/pad ids into the file, so generate_onnx
+    without eos_token_id stops where model.generate (which reads that config) stops; eos_token_id=[] never stops."""
+    base = family("llama")
+    _, merged = adapted_and_merged(base)
+    ids, mask = left_padded()
+    free = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    merged.generation_config.eos_token_id = int(free[1, 9])  # a token row 1 produces: generate stops that row there
+    merged.generation_config.pad_token_id = 3
+    path = lora_fx.export_onnx(merged, tmp_path / "merged.onnx", kv_cache=True)
+    want = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(want, free)  # the config's eos changes what generate returns: the check is not vacuous
+    got = lora_fx.generate_onnx(path, ids, mask, max_new_tokens=6, device="cpu")
+    assert torch.equal(got, want), (got, want)
+    assert torch.equal(lora_fx.generate_onnx(path, ids, mask, max_new_tokens=6, eos_token_id=[], device="cpu"), free)
+
+
 def test_generate_errors_say_what_where_and_how(llama_files, tmp_path):
     d, base, *_ = llama_files
     ids = torch.tensor([[5, 6, 7]])
@@ -276,3 +294,12 @@ def test_write_genai_config_needs_the_file_and_a_decoder_config(tmp_path):
     with pytest.raises(lora_fx.InputError, match="config has no"):
         lora_fx.write_genai_config(tmp_path / "model.onnx", object())
     assert not (tmp_path / "genai_config.json").exists()
+
+
+def test_kv_cache_export_of_a_window_smaller_than_its_example_step_says_so(tmp_path):
+    """Gemma 2 keeps window - 1 tokens on its sliding layers; the export's step (5 cached + 3 new tokens, sizes
+    torch.export must tell apart) cannot fit a window of 4: the error names the window and the size that works."""
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=8, sliding_window=4, **SMALL)).eval()
+    with pytest.raises(lora_fx.InputError, match=r"more than the model's sliding_window=4") as err:
+        lora_fx.export_onnx(model, tmp_path / "g.onnx", kv_cache=True)
+    assert "at least 8" in err.value.fix and not (tmp_path / "g.onnx").exists()

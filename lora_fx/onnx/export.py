@@ -12,6 +12,7 @@ import contextlib
 import copy
 import inspect
 import io
+import json
 import logging
 import os
 import pathlib
@@ -135,8 +136,9 @@ def _export_with_cache(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Pa
     from lora_fx.adapted import is_adapted, user_model
     from lora_fx.onnx.kv_cache import CacheDecoder, example_step, name_io
 
+    user = user_model(model) if is_adapted(model) else model
     with eval_mode(model):
-        example = example_step(user_model(model) if is_adapted(model) else model)
+        example = example_step(user)
         inner, _, _ = _exportable(model, (), example.call_kwargs())
     wrapper = CacheDecoder(inner)
     spec = example.dynamic_shapes()
@@ -144,11 +146,42 @@ def _export_with_cache(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Pa
     def names(onnx_model) -> None:
         name_io(onnx_model, example)
         name_interface(onnx_model, example.axis_names(), example.output_names())
+        onnx_model.metadata_props.update(generation_metadata(user))
 
     with atomic_file(path) as tmp_dir, eval_mode(wrapper):
-        _check_inputs_fit(wrapper, example.args(), {})
+        try:
+            _check_inputs_fit(wrapper, example.args(), {})
+        except InputError as err:
+            raise _window_error(user, example, err) or err
         _export(wrapper, tmp_dir / path.name, example.args(), {}, spec, path, names)
     return path
+
+
+def generation_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """What model.generate would stop and pad with (its generation_config), as ONNX metadata_props, so that
+    lora_fx.generate_onnx on the file stops where generate does without being told."""
+    config = getattr(model, "generation_config", None)
+    out = {}
+    for key in ("eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+            out[f"lora_fx.{key}"] = json.dumps(value)
+    return out
+
+
+def _window_error(model: torch.nn.Module, example: Any, err: InputError) -> InputError | None:
+    """A clearer error when the export's example step cannot fit the model's sliding window (Gemma 2's hybrid cache
+    keeps window - 1 tokens on its sliding layers, so their cache and the full layers' disagree in length)."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    cached, new = max(t.shape[-2] for t in example.past), example.input_ids.shape[-1]
+    if not isinstance(window, int) or window >= cached + new:
+        return None
+    return InputError(f"kv_cache=True traces one step of {new} new tokens after {cached} cached ones, more than the "
+                      f"model's sliding_window={window}, and the model's forward fails on it: {err.what}",
+                      where=f"export_onnx({type(model).__name__}, kv_cache=True)",
+                      fix=f"export with kv_cache=False, or from a model whose sliding_window is at least "
+                          f"{cached + new} (real checkpoints use thousands of tokens; the step's sizes must differ "
+                          f"from each other and from 0, 1 and the batch, so they cannot shrink further)")
 
 
 def _exportable(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, tuple, dict]:

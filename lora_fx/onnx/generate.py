@@ -16,6 +16,7 @@ tensors, which is how it is tested here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any
@@ -76,6 +77,26 @@ def position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
     return positions[:, -new:]
 
 
+def _file_generation_config(session: Any, pad_token_id: int | None) -> tuple[Any, int | None]:
+    """(eos ids, pad id) from the metadata export_onnx(kv_cache=True) writes; (None, pad_token_id) without it."""
+    meta = session.get_modelmeta().custom_metadata_map
+    eos, pad = (_token_ids(meta.get(f"lora_fx.{key}")) for key in ("eos_token_id", "pad_token_id"))
+    if pad_token_id is None and eos:
+        pad_token_id = pad[0] if pad else eos[0]
+    return eos, pad_token_id
+
+
+def _token_ids(text: str | None) -> list[int]:
+    """A metadata value written by generation_metadata: an int or a list of ints ([] when absent or not that)."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError:
+        return []
+    value = [value] if isinstance(value, int) else value
+    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return value if ok else []
+
+
 def generate_onnx(
     model: str | os.PathLike | Any,
     input_ids: torch.Tensor,
@@ -97,7 +118,9 @@ def generate_onnx(
     `attention_mask` (1 = token, 0 = padding; left padding for batches of unequal prompts) defaults to all ones.
     Greedy by default; ``do_sample=True`` samples after temperature, top-k and top-p, with `generator` for
     reproducible draws. A sequence that produced an `eos_token_id` continues with `pad_token_id`, and the loop
-    stops when every sequence has. `device`: "auto" (CUDA when ONNX Runtime can use it), "cuda" or "cpu".
+    stops when every sequence has. eos_token_id=None takes the exported model's generation_config (export_onnx
+    writes its eos and pad ids into the file's metadata; pad falls back to the first eos id, as generate does);
+    eos_token_id=[] never stops early. `device`: "auto" (CUDA when ONNX Runtime can use it), "cuda" or "cpu".
     """
     from lora_fx.onnx.runtime import CUDA, _as_session
 
@@ -117,6 +140,8 @@ def generate_onnx(
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
         raise InputError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0 (got {temperature}, "
                          f"{top_p}, {top_k})", where=where, fix="use do_sample=False for greedy decoding")
+    if eos_token_id is None:  # what the exported model's generate stops at (export_onnx wrote its generation_config)
+        eos_token_id, pad_token_id = _file_generation_config(session, pad_token_id)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
     if eos.numel() and pad_token_id is None:
         raise InputError("eos_token_id needs a pad_token_id to fill finished sequences with", where=where,
