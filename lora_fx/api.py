@@ -259,7 +259,7 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
     inside_fix = ("compute the branches outside the control flow (both, then torch.where on the condition) so their "
                   "linears are in the graph, or adapt the layers outside it")
     if not any(d.adapted for d in decisions):
-        candidates = [s.name for s in sites]
+        candidates = list(dict.fromkeys(s.name for s in sites))  # a weight read twice (tied, reused) once
         if not sites:
             raise NoSitesError(
                 "the model has no linear-like site (nn.Linear, F.linear, matmul on a parameter)"
@@ -275,7 +275,7 @@ def _check_decisions(model: nn.Module, rules: list[Rule] | None, sites: list, de
                 where=chosen, fix="select other sites (lora_fx.plan lists every candidate with the reason it is "
                                   "left out)")
         raise NoSitesError(
-            f"no rule matched any of the {len(sites)} candidate sites: {candidates[:20]}"
+            f"no rule matched any of the {len(candidates)} candidate sites: {candidates[:20]}"
             + (" ..." if len(candidates) > 20 else "") + (f"; {inside}" if hidden else ""),
             where=chosen,
             fix="change the rules to name one of the candidates above (lora_fx.plan lists them with reasons)")
@@ -347,7 +347,7 @@ def add_adapter(adapted: nn.Module, name: str, rules: Rule | Iterable[Rule] | No
                                rules_given=rules is not None, untie=False, frontend=state.frontend)
     if not any(d.adapted for d in decisions):
         raise NoSitesError(f"the rules of adapter {name!r} match none of the sites "
-                           f"{[s.name for s in state.sites][:20]}", where=name,
+                           f"{list(dict.fromkeys(s.name for s in state.sites))[:20]}", where=name,
                            fix="change the rules (lora_fx.plan lists the sites)")
     _add_branches(owner, state, name, decisions)
     state.rules[name], state.defaults[name] = rules, _defaults(r, alpha, dropout)

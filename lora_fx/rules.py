@@ -431,7 +431,7 @@ def explain_unused(rule: Rule, sites: list[Site], n: int = 3) -> str:
     """Why a rule selects nothing, for warnings and strict errors: nearest names, or the roles the graph has."""
     candidates = [s for s in sites if rule.check(s) is None]
     if candidates:
-        return f"it matches {[s.name for s in candidates][:5]} but earlier rules took them first"
+        return f"it matches {list(dict.fromkeys(s.name for s in candidates))[:5]} but earlier rules took them first"
     parts = []
     if rule.name is not None or rule.glob is not None:
         names = sorted({s.name for s in sites})

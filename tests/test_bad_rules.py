@@ -61,3 +61,19 @@ def test_rule_selects_a_tied_weight():
     assert_unchanged(model, before)
 
 
+
+
+def test_no_rule_matched_lists_each_candidate_once():
+    """A weight read at two sites (GPT-2's tied lm_head reads the embedding table too) is one candidate."""
+    class Reused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    message = expect(lora_fx.NoSitesError, lambda: lora_fx.adapt(Reused(), [lora_fx.Rule(name="q_proj")],
+                                                                 example_inputs=(torch.randn(2, 4),)),
+                     "no rule matched any of the 1 candidate sites: ['fc']")
+    assert message.count("'fc'") == 1
