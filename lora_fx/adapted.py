@@ -199,6 +199,23 @@ class AdaptedMixin:
     def enable_input_require_grads(self) -> None:
         """Nothing to do: checkpointing here is non-reentrant, so inputs need no requires_grad hook."""
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                *args: Any, **kwargs: Any) -> Any:
+        """A resize to the size the table has passes through (tokenizer scripts call it unconditionally); another
+        size is refused before anything changes: it would replace the embedding and output modules under graphs
+        and LoRA shapes made for the old vocabulary, and fold would give back the old head."""
+        current = self.get_input_embeddings().weight.shape[0]
+        want = current if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:
+            want = -(-want // pad_to_multiple_of) * pad_to_multiple_of
+        if want != current:
+            raise InputError(f"resize_token_embeddings({want}) after lora_fx.adapt: the adapted model's graphs and "
+                             f"LoRA shapes were made for {current} tokens", where=type(self).__name__,
+                             fix=f"resize the original model first, then adapt it: model.resize_token_embeddings("
+                                 f"{want}); lora_fx.adapt(model, ..., modules_to_save=[<the embedding>, <the output "
+                                 f"head>]) trains the new rows")
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, *args, **kwargs)
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """Write the adapter (LoRA weights, modules trained in full, settings; lora_fx.load_adapter reads it) into
         the folder beside what it holds, and the trainable state that transformers' Trainer resumes from

@@ -166,6 +166,22 @@ def test_a_call_reaching_layers_the_example_did_not_says_they_have_no_lora(front
         reached(x)
 
 
+def test_resizing_the_vocabulary_after_adapt_is_refused_before_anything_changes():
+    """A resize would replace the embedding and output head under graphs made for the old vocabulary (the adapted
+    model kept computing 64 logits after resize_token_embeddings(70), and fold gave back the old head). The same
+    size passes through, as tokenizer scripts call it unconditionally."""
+    adapted, _, base = pair()
+    table, head = adapted.get_input_embeddings().weight, adapted.lm_head.weight
+    assert adapted.resize_token_embeddings(VOCAB).weight is table
+    with pytest.raises(lora_fx.InputError, match=rf"resize_token_embeddings\({VOCAB + 6}\) after") as e:
+        adapted.resize_token_embeddings(VOCAB + 6)
+    assert "resize the original model first" in e.value.fix
+    with pytest.raises(lora_fx.InputError, match=rf"resize_token_embeddings\({VOCAB + 4}\)"):
+        adapted.resize_token_embeddings(VOCAB + 1, pad_to_multiple_of=8)
+    assert adapted.get_input_embeddings().weight is table and adapted.lm_head.weight is head
+    assert adapted.config.vocab_size == VOCAB and adapted(ids(2, 5)).logits.shape[-1] == VOCAB
+
+
 # ------------------------------------------------------------------------------------------------ generate
 def test_generate_uses_the_lora_with_a_kv_cache_and_matches_peft():
     adapted, pm, base = pair()
