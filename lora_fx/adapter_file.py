@@ -40,7 +40,7 @@ from torch import nn
 
 from lora_fx import quantize
 from lora_fx.atomic import atomic_write_dir
-from lora_fx.errors import AdapterFileError, LoraFxError, RuleError
+from lora_fx.errors import AdapterFileError, LoraFxError, RuleError, TraceError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.peft_config import PEFT_WEIGHTS
 from lora_fx.rollback import unchanged_on_error
@@ -665,12 +665,22 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
     config, tensors = read_adapter(directory)
     tensors, full = _split_full(tensors)
     weights = config["weights"]
-    frontend = frontend or config.get("frontend") or "auto"
+    chosen = frontend or config.get("frontend") or "auto"
+    # the front end the adapter was saved from may not trace this model (another model, another torch): "auto" then
+    # picks one, and a model that is not the adapter's gets "does not fit" below, not a tracing error
+    fallback = "auto" if frontend is None and chosen != "auto" else None
     with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
+        adapt = lambda front: adapt_model(  # noqa: E731
+            model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
+            example_kwargs=example_kwargs, frontend=front, fit_rank=False, modules_to_save=modules_in_full(full),
+            **trace_options)
         try:
-            adapted = adapt_model(model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
-                                  example_kwargs=example_kwargs, frontend=frontend, fit_rank=False,
-                                  modules_to_save=modules_in_full(full), **trace_options)
+            try:
+                adapted = adapt(chosen)
+            except TraceError:
+                if fallback is None:
+                    raise
+                adapted = adapt(fallback)
         except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
             raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
                                    where=f"{directory}" + (f" ({e.where})" if e.where else ""),

@@ -47,6 +47,30 @@ def test_adapt_from_adapter_of_another_model(saved, tmp_path):
     assert files(tmp_path) == saved[1]
 
 
+class TakesKwargs(torch.nn.Module):
+    """Symbolic tracing cannot branch on an optional argument; torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, scale=None, **kwargs):
+        h = self.a(x)
+        return self.b(h if scale is None else h * scale)
+
+
+def test_adapt_from_adapter_of_another_model_the_saved_front_end_cannot_trace(saved, tmp_path):
+    """The adapter was saved from a symbolic trace; this model needs torch.export: the error is that the adapter does
+    not fit, not that tracing failed."""
+    model = TakesKwargs()
+    before = state(model)
+    expect(lora_fx.AdapterFileError, lambda: lora_fx.adapt_from_adapter(model, saved[0],
+                                                                         example_inputs=(torch.randn(2, 16),)),
+           "does not fit this TakesKwargs", str(saved[0]))
+    assert_unchanged(model, before)
+    assert files(tmp_path) == saved[1]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_truncated_or_corrupt_weights_file(adapted, saved, tmp_path, damage):
     path = saved[0] / "adapter.safetensors"
