@@ -352,7 +352,7 @@ def check_roles(rules: list[Rule] | None) -> None:
             if role not in known:
                 near = difflib.get_close_matches(role, known, n=3, cutoff=0.4)
                 raise _bad("role", f"unknown role {role!r}" + (f" (did you mean {near}?)" if near else ""),
-                           f"rules[{i}] {rule.describe()}",
+                           getattr(rule, "_source", None) or f"rules[{i}] {rule.describe()}",
                            f"known roles: {list(known)}; add one with lora_fx.passes.roles.register_role(name, finder)")
 
 

@@ -445,3 +445,14 @@ def test_unknown_role_suggests_the_nearest():
     with pytest.raises(lora_fx.RuleError, match=r"unknown role 'attn\.qq'.*attn\.q") as info:
         decide([], [Rule(role=["attn.qq"])], LoraSettings())
     assert "register_role" in str(info.value)
+
+
+def test_unknown_role_in_a_rules_file_names_the_file_and_rule(tmp_path):
+    from lora_fx.rules_file import load_rules
+
+    path = tmp_path / "rules.json"
+    path.write_text('{"rules": [{"name": "fc", "r": 2}, {"role": "attn.qq", "r": 4}]}')
+    rules, _ = load_rules(path)
+    with pytest.raises(lora_fx.RuleError, match="unknown role 'attn.qq'") as info:
+        decide([], rules, LoraSettings())
+    assert info.value.where == f"{path}: rule 1"
