@@ -95,6 +95,25 @@ def _identity(weight: torch.Tensor) -> tuple[int, int]:
         return weight.data_ptr(), -1
 
 
+def follow_loaded_originals(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre hook of an adapted model with an NF4 base: torchao quantizes a loaded weight into the NF4
+    tensor, so the kept exact W0 (fold(base="original")) must follow too: the loaded tensor itself when it is in
+    full precision, none when it is NF4 already (its original is not in the state dict). compare_folds' verdict
+    was measured on the old weights: it is dropped."""
+    state = find_state(module)
+    if state is None:
+        return
+    for name, record in state.quantized.items():
+        value = state_dict.get(prefix + name)
+        if record.kind != "nf4" or not isinstance(value, torch.Tensor):
+            continue
+        state.fold_choice = None
+        if record.lora_init == "keep" and not nf4.is_nf4(value) and value.is_floating_point():
+            record.original = value.detach().to("cpu", copy=True)
+        else:
+            record.original, record.original_lost = None, True
+
+
 def follow_loaded_weights(module: nn.Module, incompatible_keys: Any = None) -> None:
     """load_state_dict post hook of an adapted model with an FP8 base: the FP8 forms, which are not in the state dict,
     follow the weights it loaded (NF4 weights are loaded into their NF4 tensors themselves)."""
@@ -120,6 +139,7 @@ class QuantizedWeight:
     lora_compute: str  # "base" or "adapter": the dtype its LoRA branches multiply in
     lora_init: str = "keep"  # "loftq": its LoRA started at the quantization error (lora_fx.loftq), so only the
     #                          dequantized fold is right
+    original_lost: bool = False  # load_state_dict loaded NF4 weights, whose exact originals it does not hold
 
 
 @dataclass
@@ -253,6 +273,8 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     owner.add_module(quantize_pass.CONTAINER, container)
     if kind == "fp8":
         owner.register_load_state_dict_post_hook(follow_loaded_weights)
+    else:
+        owner.register_load_state_dict_pre_hook(follow_loaded_originals)
     state.quantized.update(records)
     if lora_compute == "base":
         for lora in _lora_branches(owner, state):
@@ -503,8 +525,12 @@ def fold_base(state: LoraState, base: str) -> str:
                         f"folded into the original W0 they would add it twice", where="fold",
                         fix="fold with base='dequantized' (what base='auto' takes): it is the model that was trained")
     if base == "original" and not all(map(_has_original, state.quantized.values())):
-        raise FoldError("the original weights were not kept (quantize_base(..., keep_original=False))",
-                        where="fold", fix="fold with base='dequantized'")
+        lost = [name for name, r in state.quantized.items() if r.original_lost]
+        raise FoldError(f"the original weights of {lost[:3]} are not at hand: load_state_dict loaded them quantized "
+                        f"(NF4), without their originals" if lost else
+                        "the original weights were not kept (quantize_base(..., keep_original=False))",
+                        where="fold", fix="fold with base='dequantized'" + (
+                            ", or load a state dict that holds the full-precision weights" if lost else ""))
     return base
 
 

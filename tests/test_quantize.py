@@ -400,6 +400,27 @@ def test_fp8_forms_follow_the_weights_load_state_dict_writes():
     assert torch.equal(target(x), expected) and rel(copied(x), expected) > 0.1
 
 
+@needs_torchao
+def test_nf4_original_fold_follows_the_weights_load_state_dict_writes():
+    """torchao quantizes a loaded weight into the NF4 tensor; the kept exact W0 must follow, or fold(base="original")
+    would add the LoRA to the weights from before the load (it did, silently). NF4 weights loaded from another NF4
+    model carry no originals: the original fold says so."""
+    x = x_of(5)
+    other, source = adapted_mlp(seed=2)  # full-precision weights to load: a pretrained checkpoint
+    _, target = adapted_mlp(seed=1)
+    lora_fx.quantize_base(target, "nf4")
+    lora_fx.compare_folds(target, [x])
+    target.load_state_dict(source.state_dict())
+    assert lora_fx.fold(target, base="original").up.weight.equal(other.up.weight)  # B = 0: W0 itself
+    assert lora_fx.fold(target).down.weight.equal(lora_fx.fold(target, base="dequantized").down.weight)  # no old verdict
+    _, quantized = adapted_mlp(seed=3)
+    lora_fx.quantize_base(quantized, "nf4")
+    target.load_state_dict(quantized.state_dict())
+    with pytest.raises(FoldError, match=r"load_state_dict loaded them quantized \(NF4\)"):
+        lora_fx.fold(target, base="original")
+    torch.testing.assert_close(lora_fx.fold(target, base="dequantized")(x), quantized(x), atol=1e-6, rtol=1e-6)
+
+
 def test_a_layer_view_made_before_quantize_base_runs_the_quantized_model():
     """A view splits the adapted model's graph as it is: made before quantize_base, its calls go to a split of the
     rewritten graph (it failed on NF4 weights, and computed with the unquantized ones under FP8)."""
