@@ -40,6 +40,7 @@ from lora_fx.passes.inject import adapter_key
 from lora_fx.passes.split_layers import LayerView
 from lora_fx.plan import tied_weights
 from lora_fx.site import IN_OUT
+from lora_fx.site_kinds import kind_of
 from lora_fx.state import LoraState, adapted_state, find_state
 
 log = logging.getLogger("lora_fx")
@@ -241,11 +242,10 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
         refused = {w: skipped.get(w, "no linear call of the model reads it") for w in which if w not in names}
         if refused:
             raise InputError(f"these weights cannot be quantized: {dict(list(refused.items())[:5])}",
-                             where="quantize_base", fix="list only weights that linear calls read, frozen and untied")
+                             where="quantize_base", fix=_choose_fix(refused))
     if not names:
-        raise InputError(f"no weight can be quantized: {dict(list(skipped.items())[:5])}", where="quantize_base",
-                         fix="quantize_base takes weights read by whole-weight linear calls (nn.Linear, F.linear, "
-                             "x @ W.T, GPT-2's Conv1D, x @ W); lora_fx.plan lists how each weight is read")
+        found = dict(list(skipped.items())[:5]) or "no weight the model reads is a linear call's"
+        raise InputError(f"no weight can be quantized: {found}", where="quantize_base", fix=_choose_fix(skipped))
     adapted_weights = _lora_weights(owner, state)
     if lora_compute == "auto":
         lora_compute = "base" if kind == "fp8" else "adapter"
@@ -299,6 +299,15 @@ def quantize_base(adapted: nn.Module, kind: str = "nf4", *, which: str | Sequenc
     return report
 
 
+# why a weight read by another kind of site (lora_fx.site_kinds) is left as it is
+_NOT_QUANTIZED = {
+    "experts": "an expert weight (read by a grouped or batched matmul): quantize_base quantizes 2-D linear weights",
+    "conv": "a convolution weight: quantize_base quantizes linear weights",
+    "embedding": "an embedding table (a lookup, not a matmul)",
+    "linear": "read by a linear call",
+}
+
+
 def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str], kind: str,
             block_size: int = 64) -> tuple[list[str], dict[str, str], set[str]]:
     """The weights to quantize, why each other candidate is left as is, and which chosen ones are stored (in, out)
@@ -307,16 +316,23 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str], kind
     tied = tied_weights(adapted_model.user_model(owner))
     full = state.modules_to_save
     sites_of: dict[str, list] = {}
+    other_reads: dict[str, set[str]] = {}  # weights read by ops quantize_base has no matmul for: how
     every_graph = [site for gm in _graphs(owner) for site in gm.meta["lora_fx"].sites]
     for site in [*state.sites, *every_graph]:  # every read in every graph is checked before anything changes
         if site.op in ("linear_module", "functional_linear", "matmul", "conv1d"):
             sites_of.setdefault(site.weight, []).append(site)
+        else:
+            other_reads.setdefault(site.weight, set()).add(_NOT_QUANTIZED[kind_of(site).name])
     chosen, skipped = [], {}
+    for weight in [w for w in other_reads if w not in sites_of]:
+        if (which == "all" or weight in adapted_weights) if isinstance(which, str) else weight in which:
+            skipped[weight] = "; ".join(sorted(other_reads[weight]))
     for weight, sites in sites_of.items():
         if (which == "adapted" and weight not in adapted_weights) or (
                 not isinstance(which, str) and weight not in which):
             continue
         reasons = list(dict.fromkeys(r for r in map(quantize_pass.why_not_rewritable, sites) if r))
+        reasons += sorted(other_reads.get(weight, ()))
         if len({s.weight_layout for s in sites}) > 1:
             reasons.append("read both as (out, in) and as (in, out)")
         w = owner.get_parameter(weight)
@@ -342,6 +358,20 @@ def _choose(owner: nn.Module, state: LoraState, which: str | Sequence[str], kind
             chosen.append(weight)
     in_out = {w for w in chosen if sites_of[w][0].weight_layout == IN_OUT}
     return chosen, skipped, in_out
+
+
+def _choose_fix(reasons: dict[str, str]) -> str:
+    """How to fix a refusal, for the reasons given."""
+    text = " ".join(reasons.values())
+    if "NF4 block size" in text:
+        return ("NF4 stores a weight in blocks of 8 to block_size values: leave weights whose size is not a multiple "
+                "of 8 out (which=[...] listing the others), or use 'fp8'")
+    if "expert weight" in text or "convolution" in text or "embedding" in text:
+        return ("quantize_base quantizes 2-D weights read by whole-weight linear calls (nn.Linear, F.linear, x @ W.T, "
+                "GPT-2's Conv1D, x @ W); expert banks, convolutions and embeddings stay as they are: adapt linear "
+                "layers too, or which='all' to quantize every frozen linear weight")
+    return ("list only weights that whole-weight linear calls read (nn.Linear, F.linear, x @ W.T, GPT-2's Conv1D, "
+            "x @ W), frozen and untied; lora_fx.plan lists how each weight is read")
 
 
 def _loftq_starts(owner: nn.Module, state: LoraState, new_weights: dict[str, nn.Parameter],

@@ -378,6 +378,37 @@ def test_quantize_base_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     assert lora_fx.fold(adapted, base="dequantized") is not None
 
 
+def test_weights_quantize_base_leaves_as_they_are_are_named_with_the_reason():
+    """Expert banks (3-D, read by grouped matmuls), convolutions and embeddings have no quantized matmul: the report
+    names them among the weights left as they are, and a refusal says why and how to go on (it said
+    "no weight can be quantized: {}", and "no linear call reads it" of an expert weight)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    experts = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+
+    def mixtral(rules):
+        torch.manual_seed(0)
+        return lora_fx.adapt(transformers.MixtralForCausalLM(cfg).eval(), rules, example_inputs=(ids,))
+
+    report = lora_fx.quantize_base(mixtral([Rule(role="moe.experts"), Rule(role="attn.q")]), "fp8")
+    assert report.quantized == ["model.layers.0.self_attn.q_proj.weight"]
+    assert all("an expert weight" in report.skipped[w] for w in experts), report.skipped
+    only_experts = mixtral([Rule(role="moe.experts")])
+    with pytest.raises(InputError, match=r"no weight can be quantized: \{'model.layers.0.mlp.experts") as e:
+        lora_fx.quantize_base(only_experts, "fp8")
+    assert "expert banks" in e.value.fix
+    with pytest.raises(InputError, match="these weights cannot be quantized: .*an expert weight"):
+        lora_fx.quantize_base(only_experts, "fp8", which=experts[:1])
+    if _has_torchao():  # a weight NF4 cannot cut into blocks: the fix is about its size, not how it is read
+        odd = lora_fx.adapt(nn.Sequential(nn.Linear(10, 6)), example_inputs=(torch.randn(2, 10),))
+        with pytest.raises(InputError, match=r"has no NF4 block size") as e:
+            lora_fx.quantize_base(odd, "nf4")
+        assert "multiple of 8" in e.value.fix
+
+
 def test_fp8_forms_follow_the_weights_load_state_dict_writes():
     """The FP8 forms are derived from the weights and not in the state dict: a state dict loaded into a quantized
     model (its pretrained weights, a checkpoint) remakes them, or the model would compute with the old weights."""
