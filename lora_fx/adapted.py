@@ -199,6 +199,23 @@ class AdaptedMixin:
     def enable_input_require_grads(self) -> None:
         """Nothing to do: checkpointing here is non-reentrant, so inputs need no requires_grad hook."""
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module.load_state_dict, refusing before anything is copied a state dict whose NF4 weights
+        (quantize_base(..., "nf4")) would land on weights of this model that are not NF4 (torchao then fails
+        midway on each of them)."""
+        from lora_fx.nf4 import is_nf4
+
+        names = [k for k, v in state_dict.items() if is_nf4(v)]
+        params = dict(self.named_parameters())
+        plain = [k for k in names if k in params and not is_nf4(params[k])]
+        if plain:
+            raise InputError(f"the state dict holds NF4 weights (a model after quantize_base(..., 'nf4')) for "
+                             f"{plain[:3]}{' ...' if len(plain) > 3 else ''}, which are not NF4 in this model",
+                             where=type(self).__name__,
+                             fix="lora_fx.quantize_base(this model, 'nf4') first, or move the adapter with "
+                                 "lora_fx.save_adapter / lora_fx.adapt_from_adapter (it rebuilds the NF4 base)")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 *args: Any, **kwargs: Any) -> Any:
         """A resize to the size the table has passes through (tokenizer scripts call it unconditionally); another

@@ -694,8 +694,15 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
                                    where=str(directory),
                                    fix="use the model the adapter was trained on, or strict=False to skip them")
         check_and_copy(gm, container, tensors, source=str(directory), strict=strict, settings=weights, full=full)
-        if quantized_base and config.get("quantized_base"):
-            _rebuild_quantized_base(adapted, config["quantized_base"], directory)
+        record = config.get("quantized_base")
+        if quantized_base and record:
+            _rebuild_quantized_base(adapted, record, directory)
+        elif record and record.get("lora_init") == "loftq":
+            warnings.warn(f"lora_fx: the adapter at {directory} started at the quantization error of a "
+                          f"{record['kind']} base (lora_init='loftq'): on the plain base it adds that error again, so "
+                          f"this model and its fold are further from the trained one than the plain base is; "
+                          f"adapt_from_adapter(..., quantized_base=True) rebuilds the base it was trained against",
+                          UserWarning, stacklevel=2)
         return adapted
 
 

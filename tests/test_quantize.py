@@ -409,6 +409,21 @@ def test_weights_quantize_base_leaves_as_they_are_are_named_with_the_reason():
         assert "multiple of 8" in e.value.fix
 
 
+@needs_torchao
+def test_an_nf4_state_dict_into_a_model_without_an_nf4_base_is_refused_before_anything_changes():
+    _, quantized = adapted_mlp(seed=1)
+    lora_fx.quantize_base(quantized, "nf4")
+    _, plain = adapted_mlp(seed=2)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(InputError, match=r"NF4 weights .* for \['up.weight', 'down.weight'\]") as e:
+        plain.load_state_dict(quantized.state_dict())
+    assert "quantize_base" in e.value.fix
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    lora_fx.quantize_base(plain, "nf4")  # the way the error gives
+    plain.load_state_dict(quantized.state_dict())
+    torch.testing.assert_close(plain(x_of(3)), quantized(x_of(3)), atol=0, rtol=0)
+
+
 def test_fp8_forms_follow_the_weights_load_state_dict_writes():
     """The FP8 forms are derived from the weights and not in the state dict: a state dict loaded into a quantized
     model (its pretrained weights, a checkpoint) remakes them, or the model would compute with the old weights."""
@@ -553,6 +568,9 @@ def test_loftq_starts_the_lora_at_the_quantization_error_and_folds_only_into_the
     torch.testing.assert_close(loaded(x), adapted(x), atol=0, rtol=0)
     with pytest.raises(FoldError, match="twice"):
         lora_fx.fold(loaded, base="original")
+    plain, _ = adapted_mlp()  # a plain base on purpose: allowed, but it adds the error again, and says so
+    with pytest.warns(UserWarning, match="lora_init='loftq'.*adds that error again"):
+        lora_fx.adapt_from_adapter(plain, tmp_path / "adapter", example_inputs=(x_of(0),), quantized_base=False)
 
 
 class PackedQKV(nn.Module):
