@@ -44,6 +44,7 @@ from lora_fx.errors import AdapterFileError, LoraFxError, RuleError, TraceError
 from lora_fx.passes.infra import dtensor_type
 from lora_fx.peft_config import PEFT_WEIGHTS
 from lora_fx.rollback import unchanged_on_error
+from lora_fx.rules import _is_int
 from lora_fx.site import IN_OUT, OUT_IN
 from lora_fx.site_kinds import KINDS, kind_of
 from lora_fx.state import DEFAULT, adapter_container
@@ -576,10 +577,6 @@ def _warn_if_trained_on_another_base(record: dict | None, state: Any, directory:
                       f" rebuilds the base it was trained against", UserWarning, stacklevel=3)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_row_range(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(_is_int(i) for i in value) and 0 <= value[0] < value[1]
 
@@ -665,22 +662,19 @@ def adapt_from_adapter(model: nn.Module, directory: str | os.PathLike, *, exampl
     config, tensors = read_adapter(directory)
     tensors, full = _split_full(tensors)
     weights = config["weights"]
-    chosen = frontend or config.get("frontend") or "auto"
-    # the front end the adapter was saved from may not trace this model (another model, another torch): "auto" then
-    # picks one, and a model that is not the adapter's gets "does not fit" below, not a tracing error
-    fallback = "auto" if frontend is None and chosen != "auto" else None
+    saved = config.get("frontend") or "auto"
+    adapt = lambda front: adapt_model(  # noqa: E731
+        model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
+        example_kwargs=example_kwargs, frontend=front, fit_rank=False, modules_to_save=modules_in_full(full),
+        **trace_options)
     with unchanged_on_error(model):  # a refused adapter leaves the model as it was (requires_grad, modes)
-        adapt = lambda front: adapt_model(  # noqa: E731
-            model, rules_for_weights(weights, str(directory)), example_inputs=example_inputs,
-            example_kwargs=example_kwargs, frontend=front, fit_rank=False, modules_to_save=modules_in_full(full),
-            **trace_options)
         try:
             try:
-                adapted = adapt(chosen)
-            except TraceError:
-                if fallback is None:
-                    raise
-                adapted = adapt(fallback)
+                adapted = adapt(frontend or saved)
+            except TraceError:  # the saved front end cannot trace this model (another model, another torch):
+                if frontend is not None or saved == "auto":  # "auto" picks one, and a model that is not the
+                    raise  # adapter's gets "does not fit" below rather than a tracing error
+                adapted = adapt("auto")
         except RuleError as e:  # e.g. no site for any saved weight, or r larger than this model's widths
             raise AdapterFileError(f"the adapter does not fit this {type(model).__name__}: {e.what}",
                                    where=f"{directory}" + (f" ({e.where})" if e.where else ""),

@@ -304,7 +304,6 @@ _NOT_QUANTIZED = {
     "experts": "an expert weight (read by a grouped or batched matmul): quantize_base quantizes 2-D linear weights",
     "conv": "a convolution weight: quantize_base quantizes linear weights",
     "embedding": "an embedding table (a lookup, not a matmul)",
-    "linear": "read by a linear call",
 }
 
 

@@ -451,14 +451,18 @@ def test_nf4_original_fold_follows_the_weights_load_state_dict_writes():
     """torchao quantizes a loaded weight into the NF4 tensor; the kept exact W0 must follow, or fold(base="original")
     would add the LoRA to the weights from before the load (it did, silently). NF4 weights loaded from another NF4
     model carry no originals: the original fold says so."""
+    from lora_fx.state import adapted_state
+
     x = x_of(5)
     other, source = adapted_mlp(seed=2)  # full-precision weights to load: a pretrained checkpoint
     _, target = adapted_mlp(seed=1)
     lora_fx.quantize_base(target, "nf4")
     lora_fx.compare_folds(target, [x])
+    assert adapted_state(target)[1].fold_choice is not None
     target.load_state_dict(source.state_dict())
     assert lora_fx.fold(target, base="original").up.weight.equal(other.up.weight)  # B = 0: W0 itself
-    assert lora_fx.fold(target).down.weight.equal(lora_fx.fold(target, base="dequantized").down.weight)  # no old verdict
+    assert adapted_state(target)[1].fold_choice is None  # compare_folds measured the old weights: no verdict
+    assert lora_fx.fold(target).down.weight.equal(lora_fx.fold(target, base="dequantized").down.weight)
     _, quantized = adapted_mlp(seed=3)
     lora_fx.quantize_base(quantized, "nf4")
     target.load_state_dict(quantized.state_dict())
